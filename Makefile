@@ -1,0 +1,23 @@
+# The two commands: `make demo` and `make test`. Both create the environment on first use.
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: env test demo bench bench-quick clean
+
+env: $(STAMP)
+
+$(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --no-deps -r requirements-data.txt
+	$(PYTHON) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
