@@ -1,0 +1,96 @@
+"""Optimizer step time and state size: MetaOptimize vs torch.optim.AdamW(foreach=True).
+
+Same ~10M weights in transformer-like shapes for every optimizer, A/B interleaved (each round times one
+step of every contender in turn, so drift on a noisy machine hits all of them alike), medians reported.
+Prints a table and writes JSON.
+
+    python benchmarks/bench_step.py [--weights 10e6] [--rounds 30] [--json benchmarks/results/step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from hf_metaoptimize import MetaOptimize
+
+
+def transformer_shapes(target: float) -> list[tuple[int, ...]]:
+    """Shapes of a GPT-2-like stack (d_model 256, vocab 8192) with layers added until ~target weights."""
+    d, vocab = 256, 8192
+    shapes: list[tuple[int, ...]] = [(vocab, d), (512, d)]
+    layer = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    while sum(torch.Size(s).numel() for s in shapes) < target:
+        shapes += layer
+    return shapes + [(d,), (d,)]
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=float, default=10e6)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default="benchmarks/results/step.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = transformer_shapes(args.weights)
+    n = sum(torch.Size(s).numel() for s in shapes)
+
+    contenders = {
+        "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
+        "mo_scalar": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="scalar"),
+        "mo_tensor": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="tensor"),
+        "mo_element": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element"),
+        "mo_scalar_noskip": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, skip_nonfinite=False),
+    }
+    setups = {}
+    for name, make in contenders.items():
+        params = [torch.randn(s, requires_grad=True) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        setups[name] = (params, make(params))
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(args.warmup + args.rounds):
+        for name, (params, opt) in setups.items():
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if r >= args.warmup:
+                times[name].append(dt)
+    base_t = statistics.median(times["adamw_foreach"])
+    base_b = state_bytes(setups["adamw_foreach"][1])
+    rows = []
+    print(f"{n / 1e6:.1f}M weights in {len(shapes)} tensors, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {args.rounds} interleaved rounds")
+    print(f"{'optimizer':<18}{'median ms':>10}{'x AdamW':>9}{'state MB':>10}{'extra B/weight':>15}")
+    for name in contenders:
+        med = statistics.median(times[name])
+        sb = state_bytes(setups[name][1])
+        row = dict(optimizer=name, median_ms=med * 1e3, ratio=med / base_t, state_bytes=sb,
+                   extra_bytes_per_weight=(sb - base_b) / n)
+        rows.append(row)
+        print(f"{name:<18}{med * 1e3:>10.2f}{med / base_t:>9.2f}{sb / 1e6:>10.1f}{(sb - base_b) / n:>15.3f}")
+    out = dict(weights=n, tensors=len(shapes), threads=torch.get_num_threads(), torch=torch.__version__,
+               machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(), rows=rows)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
