@@ -1,0 +1,400 @@
+"""Behaviour of the fast MetaOptimize: contract, robustness, checkpoints, learning on real data."""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_metaoptimize import MetaOptimize
+from hf_metaoptimize.optimizer import BASES, GRANULARITIES, METAS
+
+ALL = [(b, m, g) for b in BASES for m in METAS for g in GRANULARITIES]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4), (4,), (3, 2, 2), (5,)]
+    return [torch.randn(s, generator=gen, dtype=torch.float32).to(dtype).requires_grad_() for s in shapes]
+
+
+def feed(params, gen, scale=1.0):
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * scale + 0.3 * p.detach().float()).to(p.dtype)
+
+
+def run(opt, params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        feed(params, gen)
+        opt.step()
+    return gen
+
+
+def snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()["state"])
+
+
+def assert_state_equal(a, b):
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys()
+        for k in a[i]:
+            assert torch.equal(a[i][k], b[i][k]), (i, k)
+
+
+# ---------------------------------------------------------------- special cases on the fast path
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_meta_lr_zero_is_adamw(weight_decay):
+    params = make_params(torch.float64)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = MetaOptimize(params, lr=1e-2, meta_lr=0.0, weight_decay=weight_decay)
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        feed(params, gen)
+        for p, q in zip(params, ref):
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], torch_opt.state[q]["exp_avg"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], torch_opt.state[q]["exp_avg_sq"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_gamma_one_no_decay_trace_is_displacement(base):
+    params = make_params(torch.float64)
+    w0 = [p.detach().clone() for p in params]
+    opt = MetaOptimize(params, lr=1e-2, base=base, gamma=1.0, weight_decay=0.0, meta_lr=1e-2)
+    run(opt, params, 50)
+    for p, p0 in zip(params, w0):
+        torch.testing.assert_close(opt.state[p]["trace"], p.detach() - p0, rtol=1e-9, atol=1e-12)
+
+
+def test_lion_meta_moves_log_step_by_exactly_eta():
+    params = make_params(torch.float64)
+    opt = MetaOptimize(params, lr=1e-2, granularity="element", meta_lr=1e-2)
+    prev = None
+    for i in range(30):
+        run(opt, params, 1, seed=i)
+        cur = torch.cat([opt.state[p]["log_step"].flatten() for p in params])
+        if prev is not None:
+            d = (cur - prev).abs()
+            assert torch.all((d < 1e-12) | ((d - 1e-2).abs() < 1e-12))
+        prev = cur
+
+
+def test_log_step_bounds_hold():
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-3, meta_lr=0.5, granularity="tensor", log_step_bounds=(-1.0, 0.5))
+    run(opt, params, 40)
+    for p in params:
+        assert -1.0 <= opt.state[p]["log_step"].item() <= 0.5
+
+
+# ---------------------------------------------------------------- robustness
+@pytest.mark.parametrize("base,meta,gran", ALL)
+def test_lr_zero_is_a_strict_noop(base, meta, gran):
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2, base=base, meta=meta, granularity=gran, weight_decay=0.5)
+    run(opt, params, 5)
+    before = [p.detach().clone() for p in params]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    run(opt, params, 5, seed=7)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("base,meta,gran", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_step_changes_nothing(base, meta, gran, bad):
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2, base=base, meta=meta, granularity=gran, weight_decay=0.1, gamma=0.99)
+    gen = run(opt, params, 4)
+    w, st = snapshot(opt, params)
+    feed(params, gen)
+    params[2].grad[1, 0, 1] = bad
+    opt.step()
+    w2, st2 = snapshot(opt, params)
+    for a, b in zip(w, w2):
+        assert torch.equal(a, b)
+    for i in st:
+        for k in st[i]:
+            if k == "nonfinite_steps":
+                assert st2[i][k].item() == st[i][k].item() + 1
+            else:
+                assert torch.equal(st[i][k], st2[i][k]), (i, k)
+    # training continues normally afterwards
+    run(opt, params, 2, seed=3)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_nonfinite_first_step_leaves_no_trace():
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2)
+    w = [p.detach().clone() for p in params]
+    feed(params, torch.Generator().manual_seed(0))
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(w, params))
+    for p in params:
+        assert opt.state[p]["step"].item() == 0 and not opt.state[p]["trace"].any()
+
+
+@pytest.mark.parametrize("gran", GRANULARITIES)
+def test_none_grads_are_skipped_without_state_or_side_effects(gran):
+    params, others = make_params(), make_params()
+    del others[1]
+    frozen = params[1]
+    opt = MetaOptimize(params, lr=1e-2, granularity=gran, meta_lr=1e-2)
+    opt2 = MetaOptimize(others, lr=1e-2, granularity=gran, meta_lr=1e-2)  # as if the frozen one did not exist
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        frozen.grad = None
+        for q, g in zip(others, grads[:1] + grads[2:]):
+            q.grad = g.clone()
+        opt.step()
+        opt2.step()
+    assert not opt.state.get(frozen)
+    mine = opt.step_sizes()[0]
+    del mine[1]
+    for a, b in zip(mine, opt2.step_sizes()[0]):
+        assert torch.equal(a, b)
+    for p, q in zip(params[:1] + params[2:], others):
+        assert torch.equal(p, q)
+
+
+def test_late_param_joins_its_block_step_size():
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2, granularity="scalar", meta_lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        feed(params, gen)
+        params[3].grad = None
+        opt.step()
+    feed(params, gen)
+    opt.step()
+    ls = [opt.state[p]["log_step"] for p in params]
+    assert all(torch.equal(ls[0], x) for x in ls)
+
+
+@pytest.mark.parametrize("gran", GRANULARITIES)
+@pytest.mark.parametrize("meta", METAS)
+def test_bf16_params_keep_float32_meta_state_also_after_load(gran, meta):
+    params = make_params(torch.bfloat16)
+    opt = MetaOptimize(params, lr=1e-2, granularity=gran, meta=meta, weight_decay=0.1)
+    run(opt, params, 5)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = MetaOptimize(params, lr=1e-2, granularity=gran, meta=meta, weight_decay=0.1)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for o in (opt, opt2):
+        st = o.state[params[0]]
+        assert st["exp_avg"].dtype == torch.bfloat16
+        for k in ("trace", "log_step", "meta_exp_avg", "nonfinite_steps"):
+            assert st[k].dtype == torch.float32, k
+    for k, v in opt.state[params[0]].items():
+        assert torch.equal(v, opt2.state[params[0]][k]), k
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("base,meta,gran", ALL)
+def test_state_dict_resume_is_bit_identical(base, meta, gran):
+    kw = dict(lr=1e-2, base=base, meta=meta, granularity=gran, weight_decay=0.1, gamma=0.999, meta_lr=1e-2)
+    p_full = make_params()
+    o_full = MetaOptimize(p_full, **kw)
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=gen) for p in p_full] for _ in range(100)]
+
+    def go(opt, params, chunk):
+        for gs in chunk:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    go(o_full, p_full, grads)
+    p_a = make_params()
+    o_a = MetaOptimize(p_a, **kw)
+    go(o_a, p_a, grads[:50])
+    buf = io.BytesIO()
+    torch.save({"opt": o_a.state_dict(), "params": [p.detach() for p in p_a]}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    p_b = [w.clone().requires_grad_() for w in ck["params"]]
+    o_b = MetaOptimize(p_b, lr=0.5, base=base, meta=meta, granularity=gran)  # hyper-params come from the ckpt
+    o_b.load_state_dict(ck["opt"])
+    go(o_b, p_b, grads[50:])
+    for a, b in zip(p_full, p_b):
+        assert torch.equal(a, b)
+    assert_state_equal(o_full.state_dict()["state"], o_b.state_dict()["state"])
+
+
+def test_state_dict_is_weights_only_loadable_and_plain():
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2, granularity="block")
+    run(opt, params, 3)
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        assert all(isinstance(v, torch.Tensor) for v in st.values())
+    for g in sd["param_groups"]:
+        for k, v in g.items():
+            assert isinstance(v, (int, float, str, bool, tuple, list, type(None), torch.Tensor)), (k, v)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+
+
+def test_load_own_empty_state_dict_and_add_param_group():
+    params = make_params()
+    opt = MetaOptimize(params[:2], lr=1e-2)
+    opt.load_state_dict(opt.state_dict())  # what accelerate's AcceleratedOptimizer does at once
+    opt.add_param_group({"params": params[2:], "lr": 1e-3})
+    run(opt, params, 3)
+    assert len(opt.step_sizes()) == 2
+    with pytest.raises(ValueError, match="same 'base'"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "base": "lion", "eps": None})
+
+
+def test_param_groups_equal_separate_optimizers_for_tensor_granularity():
+    params = make_params()
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    opt = MetaOptimize([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2,
+                       granularity="tensor")
+    o1 = MetaOptimize(copies[:2], lr=1e-2, granularity="tensor")
+    o2 = MetaOptimize(copies[2:], lr=3e-3, granularity="tensor")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        feed(params, gen)
+        for p, q in zip(params, copies):
+            q.grad = p.grad.clone()
+        opt.step()
+        o1.step()
+        o2.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_scheduler_multiplies_learned_step_size():
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2, meta_lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    run(opt, params, 10)
+    sched.step()
+    ls = opt.state[params[0]]["log_step"]
+    torch.testing.assert_close(opt.step_sizes()[0][0], (0.5e-2 * torch.exp(ls)).float())
+
+
+def test_foreach_false_matches_foreach():
+    a, b = make_params(), make_params()
+    oa = MetaOptimize(a, lr=1e-2, granularity="tensor", weight_decay=0.1, foreach=True)
+    ob = MetaOptimize(b, lr=1e-2, granularity="tensor", weight_decay=0.1, foreach=False)
+    run(oa, a, 20)
+    run(ob, b, 20)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(base="adam"), "base='adam'.*'adamw'"),
+        (dict(meta="sgd"), "meta='sgd'"),
+        (dict(granularity="layer"), "granularity='layer'"),
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(lr=float("nan")), "lr=nan"),
+        (dict(meta_lr=-1e-3), "meta_lr=-0.001"),
+        (dict(gamma=1.5), "gamma=1.5"),
+        (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+        (dict(betas=(0.9,)), r"betas=\(0.9,\).*2 coefficient"),
+        (dict(betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\).*\[0, 1\)"),
+        (dict(base="lion", eps=1e-8), "eps=1e-08 is not used by base='lion'"),
+        (dict(meta_betas=(1.2, 0.9)), "meta_betas"),
+        (dict(log_step_bounds=(0.5, 2.0)), "log_step_bounds"),
+        (dict(skip_nonfinite="yes"), "skip_nonfinite='yes'"),
+    ],
+)
+def test_invalid_arguments_raise_with_value_and_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetaOptimize([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_block_groups_must_agree_on_meta_settings():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="share block 'x'.*meta_lr"):
+        MetaOptimize([{"params": [a], "block": "x"}, {"params": [b], "block": "x", "meta_lr": 1e-2}],
+                     granularity="block")
+
+
+def test_sgd_and_rmsprop_accept_a_bare_float_beta():
+    p = torch.zeros(2, requires_grad=True)
+    assert MetaOptimize([p], base="sgd", betas=0.8).param_groups[0]["betas"] == (0.8,)
+    assert MetaOptimize([p], base="rmsprop").param_groups[0]["betas"] == (0.99,)
+
+
+# ---------------------------------------------------------------- learning on real data (digits)
+def _digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def _train_digits(make_opt, steps=300, seed=0):
+    x, y = _digits()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+    opt = make_opt(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x), y).item(), opt
+
+
+def test_step_size_rises_from_tiny_alpha0_and_loss_falls():
+    start, _ = _train_digits(lambda p: MetaOptimize(p, lr=1e-6, meta_lr=0.03), steps=1)
+    fixed, _ = _train_digits(lambda p: torch.optim.AdamW(p, lr=1e-6))
+    loss, opt = _train_digits(lambda p: MetaOptimize(p, lr=1e-6, meta_lr=0.03))
+    alpha = opt.step_sizes()[0][0].item()
+    assert alpha > 1e-4, alpha  # rose by more than 100x
+    assert loss < 0.5 * start and loss < 0.5 * fixed, (start, fixed, loss)
+
+
+def test_step_size_comes_down_from_diverging_alpha0_and_training_recovers():
+    chance = float(torch.log(torch.tensor(10.0)))
+    diverged, _ = _train_digits(lambda p: torch.optim.AdamW(p, lr=1.0))
+    loss, opt = _train_digits(lambda p: MetaOptimize(p, lr=1.0, meta_lr=0.01))
+    alpha = opt.step_sizes()[0][0].item()
+    assert diverged > chance, diverged  # plain AdamW at this step size is worse than guessing
+    assert alpha < 0.1, alpha  # Lion meta: at most a factor e per 1/meta_lr = 100 steps, here e^-3
+    assert loss < 0.7 * chance, (diverged, loss)
+
+
+# ---------------------------------------------------------------- packaging
+def test_import_is_light():
+    code = (
+        "import sys, hf_metaoptimize; "
+        "bad = [m for m in ('transformers', 'deepspeed', 'accelerate', 'peft', 'datasets', 'matplotlib') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
