@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from .distributed import local_tensor as _local
+from .distributed import reduce_partial_sums, shard_group
+
 __all__ = ["MetaOptimize", "BASES", "METAS", "GRANULARITIES"]
 
 BASES = ("adamw", "lion", "sgd", "rmsprop")
@@ -50,12 +53,6 @@ _BLOCK_KEYS = ("meta_lr", "meta_betas", "meta_eps", "log_step_bounds")
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for low-precision params, the param dtype itself for float32/float64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The rank-local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 class MetaOptimize(Optimizer):
@@ -358,7 +355,7 @@ class MetaOptimize(Optimizer):
             grads[gi] = gl
             traces = [self.state[p]["trace"] for p in plist]
             if gran == "element":
-                ze = torch._foreach_mul(traces, gl)
+                ze = torch._foreach_mul([_local(h) for h in traces], [_local(g) for g in gl])
                 zelem[gi] = ze
                 zparts.extend(_local(z).sum() for z in ze)
             else:
@@ -367,6 +364,12 @@ class MetaOptimize(Optimizer):
             wide = torch.float64 if any(z.dtype == torch.float64 for z in zparts) else torch.float32
             zparts = [z.to(device=home, dtype=wide) for z in zparts]
         zvec = torch.stack(zparts)
+        # sharded params (FSDP2) contributed rank-local partial sums: one all-reduce completes them
+        pgroups = [shard_group(p) for _, _, plist in active for p in plist]
+        if any(g is not None for g in pgroups):
+            distinct = list({id(g): g for g in pgroups if g is not None}.values())
+            mask = self._cached_index(tuple(int(g is not None) for g in pgroups), zvec.device)
+            zvec = reduce_partial_sums(zvec, mask, distinct)
 
         # ---- block sums (one value per block; the all-reduce point for sharded backends)
         if gran == "scalar":
@@ -381,7 +384,6 @@ class MetaOptimize(Optimizer):
             red.index_add_(0, self._cached_index(tuple(layout), zvec.device), zvec)
         else:
             red = zvec
-        red = self._reduce_meta_grads(red)
 
         # ---- non-finite guard (Algorithm 3 is skipped as a whole, without a host sync)
         skip = groups[0]["skip_nonfinite"]
@@ -399,12 +401,13 @@ class MetaOptimize(Optimizer):
             gl = grads[gi]
             if ok is not None:
                 # zero the grads of a skipped step (in place; a no-op bit for bit on a finite step)
-                for g in gl:
+                loc = [_local(g) for g in gl]
+                for g in loc:
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                if len({g.device for g in gl}) == 1:
-                    torch._foreach_mul_(gl, okf.to(gl[0].device))
+                if len({g.device for g in loc}) == 1:
+                    torch._foreach_mul_(loc, okf.to(loc[0].device))
                 else:
-                    for g in gl:
+                    for g in loc:
                         g.mul_(okf.to(g.device))
             _base_group_step(self.state, group, plist, gl, okf)
 
@@ -452,11 +455,6 @@ class MetaOptimize(Optimizer):
         if ok is not None:
             torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
         return loss
-
-    def _reduce_meta_grads(self, red: Tensor) -> Tensor:
-        """Sum block meta-gradients over ranks that hold different shards (identity on one process/DDP)."""
-        return red
-
 
 # ---------------------------------------------------------------------- validation
 def _normalize_group(group: dict[str, Any], where: str) -> None:
@@ -583,7 +581,10 @@ def _base_bucket_step(
     base = group["base"]
     lr, kappa, gamma = group["lr"], group["weight_decay"], group["gamma"]
     betas, eps = group["betas"], group["eps"]
-    sts = [state[p] for p in params]
+    # every tensor below is rank-local (FSDP2 DTensor -> its shard): the math is elementwise
+    sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
+    params = [_local(p) for p in params]
+    grads = [_local(g) for g in grads]
     wide = _wide_dtype(dtype)
     low = wide != dtype  # low-precision params: compute on float32 copies, write back at the end
 
@@ -744,7 +745,8 @@ def _meta_step_element(
     """Meta step for per-weight log step sizes (element granularity), one tensor at a time."""
     adam = group["meta"] == "adam"
     for p, zp in zip(params, z):
-        s = state[p]
+        s = {k: _local(v) for k, v in state[p].items()}
+        zp = _local(zp)
         L, MB, VB, S = _meta_update(
             s["log_step"], s["meta_exp_avg"], s.get("meta_exp_avg_sq"), s.get("meta_step"), zp,
             okf.to(p.device), group

@@ -1,0 +1,75 @@
+"""The one place where MetaOptimize talks across ranks.
+
+MetaOptimize needs cross-tensor sums (the meta-gradient of a block, and the "is this step finite" flag).
+When a parameter is sharded (FSDP2 ``fully_shard`` DTensors), every rank holds part of it and the sums
+computed from the local shards are partial; they are added up here with ONE batched ``all_reduce`` per
+step on the process group of the shard mesh dimension. Replicated parameters (one process, DDP, the
+replicate dimension of HSDP) already see the full gradient and are never reduced: a second reduction would
+count them ``world_size`` times.
+
+Nothing here imports ``torch.distributed.tensor`` (slow to import); a DTensor can only exist if that module
+was imported by whoever built it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["local_tensor", "shard_group", "reduce_partial_sums"]
+
+
+def _dtensor_type() -> type | None:
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The rank-local shard of a DTensor (a view sharing storage), the tensor itself otherwise."""
+    dt = _dtensor_type()
+    if dt is not None and isinstance(t, dt):
+        return t.to_local()
+    return t
+
+
+def shard_group(p: Tensor) -> Any | None:
+    """Process group over which the local shards of `p` add up to the whole tensor; None if not sharded.
+
+    FSDP2 parameters are DTensors with a ``Shard`` placement on one mesh dimension (the other dimension of a
+    2-D HSDP mesh, if any, is ``Replicate``: no reduction there).
+    """
+    dt = _dtensor_type()
+    if dt is None or not isinstance(p, dt):
+        return None
+    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise NotImplementedError(
+            f"MetaOptimize: a parameter sharded over {len(dims)} mesh dimensions ({p.placements}) is not "
+            "supported; shard parameters over one mesh dimension (FSDP2 / HSDP)"
+        )
+    return p.device_mesh.get_group(dims[0])
+
+
+def reduce_partial_sums(vec: Tensor, mask: Tensor, groups: list[Any]) -> Tensor:
+    """Sum over ranks the entries of `vec` that come from sharded parameters; keep the others.
+
+    `mask[i]` is 1 where entry i is a rank-local partial sum, 0 where it is already complete; `groups` holds
+    the distinct process groups of the sharded entries (they must share one). One collective, no host
+    synchronisation.
+    """
+    if len(groups) != 1:
+        raise NotImplementedError(
+            "MetaOptimize: parameters sharded over different process groups in one optimizer; use one "
+            "device mesh for all parameters of an optimizer"
+        )
+    import torch.distributed as dist
+
+    mask = mask.to(vec.dtype)
+    part = vec * mask
+    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=groups[0])
+    return part + vec * (1 - mask)

@@ -1,0 +1,179 @@
+"""Multi-process worker: MetaOptimize under DDP / FSDP2 must match a single-process run.
+
+Run with ``torchrun --nproc_per_node 2 tests/dist_worker.py --backend fsdp2 --granularity scalar --out DIR``
+(CPU, gloo). Every rank trains the same model on its half of each global batch; rank 0 also trains the
+same model in one process on the whole batch, and every rank checks weights and learned step sizes against
+it. Exit status 0 means equal within float32 tolerance; also checks that replicated optimizer state is
+identical on every rank and that an FSDP2 sharded checkpoint (torch.distributed.checkpoint) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from hf_metaoptimize import MetaOptimize
+
+
+def build_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    )
+
+
+def param_groups(model: torch.nn.Module, granularity: str) -> list[dict]:
+    """Two groups per Linear layer (weights with decay, biases without), sharing a block key per layer."""
+    groups = []
+    for i, mod in enumerate(m for m in model if isinstance(m, torch.nn.Linear)):
+        groups.append({"params": [mod.weight], "weight_decay": 0.1, "block": f"layer{i}"})
+        groups.append({"params": [mod.bias], "weight_decay": 0.0, "block": f"layer{i}"})
+    return groups
+
+
+def batches(steps: int, n: int = 16):
+    gen = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        x = torch.randn(n, 12, generator=gen)
+        y = torch.randint(0, 3, (n,), generator=gen)
+        yield x, y
+
+
+def make_opt(model, granularity):
+    return MetaOptimize(param_groups(model, granularity), lr=3e-3, granularity=granularity, meta_lr=3e-2,
+                        gamma=0.99)
+
+
+def train(model, opt, data, rank: int, world: int, dp: bool):
+    for x, y in data:
+        if dp:
+            half = len(x) // world
+            x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", choices=["ddp", "fsdp2"], required=True)
+    ap.add_argument("--granularity", default="scalar")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    ref = build_model()
+    ref_opt = make_opt(ref, args.granularity)
+    train(ref, ref_opt, batches(args.steps), 0, 1, dp=False)
+
+    model = build_model()
+    if args.backend == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        opt = make_opt(model, args.granularity)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for mod in model:
+            if isinstance(mod, torch.nn.Linear):
+                fully_shard(mod, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        wrapped = model
+        opt = make_opt(model, args.granularity)
+    train(wrapped, opt, batches(args.steps), rank, world, dp=True)
+
+    errors = []
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if not torch.allclose(full(p.detach()), q.detach(), rtol=1e-4, atol=1e-6):
+            errors.append(f"weight {name}: max diff {(full(p.detach()) - q).abs().max().item():.3g}")
+    for ga, gb in zip(opt.step_sizes(), ref_opt.step_sizes()):
+        for a, b in zip(ga, gb):
+            a = full(a)
+            if not torch.allclose(a, b, rtol=1e-5, atol=0):
+                errors.append(f"step size {a.flatten()[:3].tolist()} vs {b.flatten()[:3].tolist()}")
+    # replicated (0-d) state must be identical on every rank
+    for st in opt.state.values():
+        for k, v in st.items():
+            if not hasattr(v, "full_tensor") and v.dim() == 0:
+                gathered = [torch.zeros_like(v) for _ in range(world)]
+                dist.all_gather(gathered, v.contiguous())
+                if not all(torch.equal(gathered[0], g) for g in gathered):
+                    errors.append(f"replicated state {k} differs across ranks")
+    # the trace is sharded like the parameter under FSDP2 (one extra buffer split across ranks)
+    if args.backend == "fsdp2":
+        for p in model.parameters():
+            tr = opt.state[p]["trace"]
+            if not hasattr(tr, "placements") or not any(pl.is_shard() for pl in tr.placements):
+                errors.append("trace is not sharded")
+        errors += check_fsdp2_resume(args, model, opt, rank, world)
+
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump({"errors": errors}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    if errors:
+        print(f"rank {rank}: " + "\n".join(errors), file=sys.stderr)
+    return 1 if errors else 0
+
+
+def check_fsdp2_resume(args, model, opt, rank, world) -> list[str]:
+    """Sharded save (DCP) after N steps, load into a fresh model+optimizer, continue: equal to continuing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ckpt = os.path.join(args.out, "dcp")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=ckpt)
+    more = list(batches(2 * args.steps))[args.steps:]
+    train(model, opt, more, rank, world, dp=True)
+
+    model2 = build_model(seed=99)  # different init: everything must come from the checkpoint
+    mesh = init_device_mesh("cpu", (world,))
+    for mod in model2:
+        if isinstance(mod, torch.nn.Linear):
+            fully_shard(mod, mesh=mesh)
+    fully_shard(model2, mesh=mesh)
+    opt2 = make_opt(model2, args.granularity)
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model2, sd["model"])
+    before = [full(p.detach()).clone() for p in model2.parameters()]
+    set_optimizer_state_dict(model2, opt2, sd["optim"])  # runs one zero-grad step with lr = 0
+    errors = []
+    for b, p in zip(before, model2.parameters()):
+        if not torch.equal(b, full(p.detach())):
+            errors.append("loading the optimizer state moved a weight")
+    train(model2, opt2, more, rank, world, dp=True)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        if not torch.equal(full(p.detach()), full(q.detach())):
+            errors.append(f"resume differs: {(full(p.detach()) - full(q.detach())).abs().max().item():.3g}")
+    for ga, gb in zip(opt.step_sizes(), opt2.step_sizes()):
+        for a, b in zip(ga, gb):
+            if not torch.equal(full(a), full(b)):
+                errors.append("resumed step sizes differ")
+    return errors
+
+
+if __name__ == "__main__":
+    sys.exit(main())

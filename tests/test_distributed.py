@@ -1,0 +1,36 @@
+"""DDP and FSDP2 (2 CPU ranks, gloo) match one process; FSDP2 sharded checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["scalar", "block", "tensor", "element"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(backend, granularity, tmp_path):
+    cmd = ["timeout", "240", *TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(WORKER), "--backend", backend, "--granularity", granularity, "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    reports = sorted(tmp_path.glob("rank*.json"))
+    assert len(reports) == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    errors = [e for r in reports for e in json.loads(r.read_text())["errors"]]
+    assert not errors, errors
+    assert out.returncode == 0, out.stderr[-3000:]
