@@ -96,10 +96,10 @@ class MetaOptimize(Optimizer):
         skip_nonfinite (bool, default True): a step whose gradients (or meta-gradients) contain inf/NaN
             is skipped: no parameter and no state tensor changes, and each participating parameter's
             ``state["nonfinite_steps"]`` is incremented. Done without a host sync: every update
-            coefficient is multiplied by an on-device 0/1 flag and the gradients are zeroed in place
-            (``p.grad`` reads as zeros after a skipped step; a finite step leaves it bit-identical). Cost:
-            two elementwise passes over the gradients, about 5-10% of the step time on CPU
-            (``benchmarks/bench_step.py``, ``mo_scalar`` vs ``mo_scalar_noskip``).
+            coefficient is multiplied by an on-device 0/1 flag and the math reads a zeroed copy of the
+            gradients (``p.grad`` is never written). For AdamW that copy doubles as the step's workspace, so
+            the cost is two elementwise passes over the gradients (``benchmarks/bench_step.py``,
+            ``mo_scalar`` vs ``mo_scalar_noskip``).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path; ``False`` runs the
             same math one tensor at a time. Default: ``True``.
 
@@ -398,25 +398,16 @@ class MetaOptimize(Optimizer):
 
         # ---- Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
         for gi, group, plist in active:
-            gl = grads[gi]
-            if ok is not None:
-                # zero the grads of a skipped step (in place; a no-op bit for bit on a finite step)
-                loc = [_local(g) for g in gl]
-                for g in loc:
-                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                if len({g.device for g in loc}) == 1:
-                    torch._foreach_mul_(loc, okf.to(loc[0].device))
-                else:
-                    for g in loc:
-                        g.mul_(okf.to(g.device))
-            _base_group_step(self.state, group, plist, gl, okf)
+            _base_group_step(self.state, group, plist, grads[gi], okf, sanitize=ok is not None)
 
         # ---- Algorithm 3 step 4: meta step on each block (every member with state of an active block)
         if gran == "element":
             for gi, group, plist in active:
-                ze = zelem[gi]
+                ze = zelem[gi]  # our own temporaries: zero them in place on a skipped step
                 if ok is not None:
-                    ze = [torch.where(ok.to(z.device), z, 0) for z in ze]
+                    for z in ze:
+                        torch.nan_to_num_(z, nan=0.0, posinf=0.0, neginf=0.0)
+                    torch._foreach_mul_(ze, okf.to(ze[0].dtype))
                 _meta_step_element(self.state, group, plist, ze, okf)
             counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
         else:
@@ -553,12 +544,13 @@ def _base_group_step(
     params: list[Tensor],
     grads: list[Tensor],
     okf: Tensor,
+    sanitize: bool,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
     `okf` is 1.0 for a normal step and 0.0 for a skipped (non-finite) one; every coefficient that moves a
-    param or a state tensor is multiplied by it, and the grads were zeroed, so a skipped step changes
-    nothing bit for bit.
+    param or a state tensor is multiplied by it, and (when `sanitize`) the math reads a zeroed copy of the
+    grads, so a skipped step changes nothing bit for bit. ``p.grad`` itself is never written.
     """
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
@@ -567,7 +559,7 @@ def _base_group_step(
         for sl in _chunks(group, len(idx)):
             sub = idx[sl]
             _base_bucket_step(state, group, [params[i] for i in sub], [grads[i] for i in sub],
-                              okf.to(device), dtype)
+                              okf.to(device), dtype, sanitize)
 
 
 def _base_bucket_step(
@@ -577,16 +569,28 @@ def _base_bucket_step(
     grads: list[Tensor],
     okf: Tensor,
     dtype: torch.dtype,
+    sanitize: bool,
 ) -> None:
     base = group["base"]
     lr, kappa, gamma = group["lr"], group["weight_decay"], group["gamma"]
     betas, eps = group["betas"], group["eps"]
     # every tensor below is rank-local (FSDP2 DTensor -> its shard): the math is elementwise
     sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
+    # `own`: the grads are temporaries of ours (float32 copies of low-precision grads), not p.grad
+    own = all(g is not p.grad for g, p in zip(grads, params))
     params = [_local(p) for p in params]
-    grads = [_local(g) for g in grads]
     wide = _wide_dtype(dtype)
     low = wide != dtype  # low-precision params: compute on float32 copies, write back at the end
+    # The grads as the math reads them: on a skipped step a zeroed copy (p.grad is never written). Once they
+    # are our own temporary, they double as the step's workspace.
+    grads = [_local(g) for g in grads]
+    if sanitize:
+        grads = [g if own else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+        if own:
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        torch._foreach_mul_(grads, okf.to(grads[0].dtype))
+        own = True
 
     P = [p.to(wide) for p in params] if low else params
     M = [s["exp_avg"] for s in sts] if "exp_avg" in sts[0] else None
@@ -615,10 +619,15 @@ def _base_bucket_step(
         torch._foreach_lerp_(M, grads, ok * (1 - b1))
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
-        t = torch.stack(steps).to(wide).clamp_(min=1)
-        bc1 = 1 - torch.pow(b1, t)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t))
-        U = torch._foreach_sqrt(V)  # the step's one temporary list
+        t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
+        bc1 = (1 - torch.pow(b1, t)).to(wide)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
+        if own:  # reuse the grads' temporary copy as the step's workspace
+            U = grads
+            for v, u in zip(V, U):
+                torch.sqrt(v, out=u)
+        else:
+            U = torch._foreach_sqrt(V)  # the step's one temporary list
         torch._foreach_div_(U, list(bc2_sqrt.unbind(0)))
         torch._foreach_add_(U, eps)
         _div_into(M, U)  # U <- m / (sqrt(v_hat) + eps)
@@ -627,8 +636,8 @@ def _base_bucket_step(
         (b2,) = betas
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
-        t = torch.stack(steps).to(wide).clamp_(min=1)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t))
+        t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
         U = torch._foreach_sqrt(V)
         torch._foreach_div_(U, list(bc2_sqrt.unbind(0)))
         torch._foreach_add_(U, eps)
@@ -705,9 +714,9 @@ def _meta_update(
         S = S + okf.to(S.dtype)
         MB = torch.lerp(MB, z, ok * (1 - b1))
         VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z
-        s = S.to(L.dtype).clamp(min=1)
-        m_hat = MB / (1 - torch.pow(b1, s))
-        v_hat = VB / (1 - torch.pow(b2, s))
+        s = S.to(torch.float64).clamp(min=1)  # bias corrections in float64 (0.999 is not a float32)
+        m_hat = MB / (1 - torch.pow(b1, s)).to(L.dtype)
+        v_hat = VB / (1 - torch.pow(b2, s)).to(L.dtype)
         L = L - (eta * ok) * m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
     return L.clamp(lo, hi), MB, VB, S
 
