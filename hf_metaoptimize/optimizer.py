@@ -43,7 +43,7 @@ _DEFAULT_EPS = 1e-8
 # Per-param state that must stay in float32 (or wider) whatever the param dtype. torch's
 # Optimizer.load_state_dict casts every floating state tensor except "step" to the param dtype; these keys
 # are restored at full precision by the load hooks below.
-_WIDE_KEYS = ("trace", "log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "nonfinite_steps")
+_WIDE_KEYS = ("trace", "log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "nonfinite_steps", "meta_grad")
 # Hyper-parameters that must be equal for every group (the algorithm variant).
 _GLOBAL_KEYS = ("base", "meta", "granularity")
 # Hyper-parameters that groups sharing a block must agree on (they define the block's meta update).
@@ -162,6 +162,10 @@ class MetaOptimize(Optimizer):
         _normalize_group(defaults, where="MetaOptimize")
         super().__init__(params, defaults)
         self._index_cache: dict[Any, Tensor] = {}
+        # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
+        # list around each step() call; this is how the optimizer still sees every block.
+        self._all_groups = self.param_groups
+        self._partitions: _Partitions | None = None
         self.register_load_state_dict_pre_hook(_stash_wide_state)
         self.register_load_state_dict_post_hook(_restore_wide_state)
 
@@ -187,6 +191,8 @@ class MetaOptimize(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._index_cache = {}
+        self._all_groups = self.param_groups
+        self.__dict__.setdefault("_partitions", None)
 
     def _check_blocks(self) -> None:
         seen: dict[Any, int] = {}
@@ -268,14 +274,15 @@ class MetaOptimize(Optimizer):
 
         Each entry is a float32 tensor on the parameter's device: 0-d for scalar / block / tensor
         granularity, shaped like the parameter for element granularity. A parameter that has no state yet
-        reports its block's current value (or ``lr``). No host synchronisation.
+        reports its block's current value (or ``lr``). Under DeepSpeed ZeRO the entries are the rank's flat
+        partitions of each group. No host synchronisation.
         """
         donors = self._block_donors()
         out: list[list[Tensor]] = []
-        for gi, group in enumerate(self.param_groups):
+        for gi, group, params in self._group_params():
             lr, gran = group["lr"], group["granularity"]
             row = []
-            for p in group["params"]:
+            for p in params:
                 st = self.state.get(p)
                 if st and "log_step" in st:
                     ls = st["log_step"]
@@ -290,13 +297,20 @@ class MetaOptimize(Optimizer):
             out.append(row)
         return out
 
+    def _group_params(self) -> list[tuple[int, dict[str, Any], list[Tensor]]]:
+        """(index, group, params) for every param group; under DeepSpeed ZeRO the rank's partitions."""
+        part = self.__dict__.get("_partitions")
+        if part is None:
+            return [(gi, g, list(g["params"])) for gi, g in enumerate(self._all_groups)]
+        return [(gi, g, [t for i, t in part.members if i == gi]) for gi, g in enumerate(self._all_groups)]
+
     def _block_donors(self) -> dict[Any, dict[str, Tensor]]:
         """First member with state of every block (scalar / block granularity)."""
         donors: dict[Any, dict[str, Tensor]] = {}
-        for gi, group in enumerate(self.param_groups):
+        for gi, group, params in self._group_params():
             if group["granularity"] not in ("scalar", "block"):
                 return donors
-            for p in group["params"]:
+            for p in params:
                 st = self.state.get(p)
                 if st and "log_step" in st:
                     donors.setdefault(self._block_key(gi, group, p), st)
@@ -310,14 +324,20 @@ class MetaOptimize(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        groups = self.param_groups
+        groups = self._all_groups
         gran = groups[0]["granularity"]
         shared = gran in ("scalar", "block")
+        part = self._partitions
+        if part is None:
+            _refuse_unattached_partitions(self)
+        # the groups this call steps (all of them, except under DeepSpeed ZeRO: one group / sub-group per call)
+        gindex = {id(g): i for i, g in enumerate(groups)}
+        visible = [(gindex[id(g)], g) for g in self.param_groups]
 
         # ---- gather params with grads; lazy state (params may have been swapped since __init__)
         active: list[tuple[int, dict[str, Any], list[Tensor]]] = []
         donors: dict[Any, dict[str, Tensor]] | None = None
-        for gi, group in enumerate(groups):
+        for gi, group in visible:
             plist = []
             for p in group["params"]:
                 if p.grad is None:
@@ -364,6 +384,8 @@ class MetaOptimize(Optimizer):
             wide = torch.float64 if any(z.dtype == torch.float64 for z in zparts) else torch.float32
             zparts = [z.to(device=home, dtype=wide) for z in zparts]
         zvec = torch.stack(zparts)
+        if part is not None:
+            return self._partitioned_finish(loss, active, grads, zvec, zelem)
         # sharded params (FSDP2) contributed rank-local partial sums: one all-reduce completes them
         pgroups = [shard_group(p) for _, _, plist in active for p in plist]
         if any(g is not None for g in pgroups):
@@ -402,13 +424,7 @@ class MetaOptimize(Optimizer):
 
         # ---- Algorithm 3 step 4: meta step on each block (every member with state of an active block)
         if gran == "element":
-            for gi, group, plist in active:
-                ze = zelem[gi]  # our own temporaries: zero them in place on a skipped step
-                if ok is not None:
-                    for z in ze:
-                        torch.nan_to_num_(z, nan=0.0, posinf=0.0, neginf=0.0)
-                    torch._foreach_mul_(ze, okf.to(ze[0].dtype))
-                _meta_step_element(self.state, group, plist, ze, okf)
+            self._element_meta_steps(active, zelem, ok, okf)
             counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
         else:
             if gran == "tensor":
@@ -446,6 +462,108 @@ class MetaOptimize(Optimizer):
         if ok is not None:
             torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
         return loss
+
+    def _element_meta_steps(self, active, zelem, ok, okf) -> None:
+        """Per-weight meta step (element granularity); z = h * g are our temporaries, zeroed on a skip."""
+        for gi, group, plist in active:
+            ze = zelem[gi]
+            if ok is not None:
+                for z in ze:
+                    torch.nan_to_num_(z, nan=0.0, posinf=0.0, neginf=0.0)
+                torch._foreach_mul_(ze, okf.to(ze[0].dtype))
+            _meta_step_element(self.state, group, plist, ze, okf)
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO partitions
+    def _attach_partitions(self, members: list[tuple[int, Tensor]], process_group: Any, origin: str) -> None:
+        """Declare that this optimizer steps rank-local flat partitions (DeepSpeed ZeRO), one call per entry.
+
+        `members` lists every partition this rank will see, in the order step() is called on them, with the
+        index of its param group; `process_group` is the data-parallel group the partitions are split over.
+        Used by :func:`hf_metaoptimize.integrations.deepspeed.attach`; not for direct use.
+        """
+        gran = self._all_groups[0]["granularity"]
+        if gran == "tensor":
+            raise ValueError(
+                f"granularity='tensor' is not supported under {origin}: ZeRO flattens every param group into "
+                "one partition per rank, so a per-tensor step size would silently become a per-partition one "
+                "that differs between ranks. Use granularity='scalar', 'block' (Trainer: granularity=layer) or "
+                "'element'."
+            )
+        blocks: dict[Any, list[tuple[int, Tensor]]] = {}
+        for gi, t in members:
+            key = self._block_key(gi, self._all_groups[gi], t) if gran != "element" else ("param", id(t))
+            blocks.setdefault(key, []).append((gi, t))
+        last = {id(v[-1][1]): k for k, v in blocks.items()}
+        self._partitions = _Partitions(members, process_group, blocks, last, origin)
+
+    def _partitioned_finish(self, loss, active, grads, zvec, zelem):
+        """Steps 2-4 of Algorithm 3 when this call sees only some rank-local partitions (DeepSpeed ZeRO).
+
+        The finiteness flag is agreed over the data-parallel group at every call. Under scalar / block
+        granularity each partition records its meta-gradient contribution; the call that steps the LAST
+        partition of a block sums the contributions of all of them (all ranks, one all-reduce) and applies the
+        block's meta update to every member, so that the next base step of every member uses beta_{t+1},
+        exactly as in Algorithm 3.
+        """
+        part = self._partitions
+        gran = self._all_groups[0]["granularity"]
+        ones = torch.ones(1, dtype=zvec.dtype, device=zvec.device)
+        flag = reduce_partial_sums(zvec.sum().reshape(1), ones, [part.group])
+        skip = self._all_groups[0]["skip_nonfinite"]
+        ok = torch.isfinite(flag[0]) if skip else None
+        okf = ok.to(zvec.dtype) if skip else torch.ones((), dtype=zvec.dtype, device=zvec.device)
+        plist_all = [p for _, _, plist in active for p in plist]
+        if gran != "element":
+            contrib = zvec if ok is None else torch.where(ok, zvec, torch.zeros_like(zvec))
+            for p, z in zip(plist_all, contrib.unbind(0)):
+                st = self.state[p]
+                if "meta_grad" not in st:
+                    st["meta_grad"] = torch.zeros((), dtype=st["trace"].dtype, device=p.device)
+                st["meta_grad"].copy_(z)
+        for gi, group, plist in active:
+            _base_group_step(self.state, group, plist, grads[gi], okf, sanitize=ok is not None)
+        if gran == "element":
+            self._element_meta_steps(active, zelem, ok, okf)
+        else:
+            done = [part.last[id(p)] for p in plist_all if id(p) in part.last]
+            if done:
+                sums = torch.stack([
+                    torch.stack([self.state[t]["meta_grad"].to(zvec.device) for _, t in part.blocks[k]
+                                 if "meta_grad" in self.state.get(t, {})]).sum()
+                    for k in done
+                ])
+                sums = reduce_partial_sums(sums, torch.ones_like(sums), [part.group])
+                for k, zb in zip(done, sums.unbind(0)):
+                    by_group: dict[int, list[Tensor]] = {}
+                    for gi, t in part.blocks[k]:
+                        if self.state.get(t):
+                            by_group.setdefault(gi, []).append(t)
+                    for gi, ml in by_group.items():
+                        _meta_step_shared(self.state, self._all_groups[gi], ml, zb, okf)
+        if ok is not None:
+            torch._foreach_add_([self.state[p]["nonfinite_steps"] for p in plist_all], 1.0 - okf.to(torch.float32))
+        return loss
+
+
+class _Partitions:
+    """What DeepSpeed ZeRO hands this rank: flat partitions, their blocks, and the data-parallel group."""
+
+    def __init__(self, members, group, blocks, last, origin):
+        self.members, self.group, self.blocks, self.last, self.origin = members, group, blocks, last, origin
+
+
+def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
+    """Never run silently wrong when stepped group by group on rank-local partitions (DeepSpeed ZeRO)."""
+    swapped = opt.param_groups is not opt._all_groups
+    zero3 = any(hasattr(p, "ds_id") for g in opt.param_groups for p in g["params"])
+    if swapped or zero3:
+        raise RuntimeError(
+            "MetaOptimize is being stepped one param group / partition at a time on rank-local flat "
+            "partitions (DeepSpeed ZeRO). Its meta-gradients need the whole block across groups and ranks: "
+            "call hf_metaoptimize.integrations.deepspeed.attach(engine) right after deepspeed.initialize(...) "
+            "(the Trainer integration does this for you)."
+        )
+
 
 # ---------------------------------------------------------------------- validation
 def _normalize_group(group: dict[str, Any], where: str) -> None:
@@ -791,6 +909,7 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
                 optimizer.state[p][k] = v.detach().to(device=p.device, dtype=dt, copy=True)
     optimizer._wide_stash, optimizer._wide_stash_ids = {}, []
     optimizer._index_cache = {}
+    optimizer._all_groups = optimizer.param_groups  # load_state_dict installs a new list
     for gi, group in enumerate(optimizer.param_groups):
         for key in _GLOBAL_KEYS:
             if group.get(key) != optimizer.param_groups[0].get(key):

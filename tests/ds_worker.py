@@ -1,0 +1,144 @@
+"""Multi-process worker: MetaOptimize under DeepSpeed ZeRO-1/2/3 must match a single-process run.
+
+``DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/ds_worker.py --stage 2 --granularity block --out DIR``.
+Every rank trains on its half of each global batch through ``deepspeed.initialize``; the result is compared
+with plain MetaOptimize on the whole batch in one process (weights; step sizes for scalar/block), then a
+DeepSpeed checkpoint is saved, training continues, and a fresh engine that loads the checkpoint must
+continue bit-identically. Errors go to DIR/rankN.json; exit status 0 means all held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_worker import batches, build_model, make_opt  # noqa: E402
+
+from hf_metaoptimize.integrations.deepspeed import attach  # noqa: E402
+
+
+def ds_config(stage: int, world: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 16 // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def engine_for(model, granularity, stage, world):
+    import deepspeed
+
+    opt = make_opt(model, granularity)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world))
+    attach(engine)
+    return engine, opt
+
+
+def train(engine, data, rank, world):
+    for x, y in data:
+        half = len(x) // world
+        x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        loss = torch.nn.functional.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+
+
+def weights(engine, stage):
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--granularity", default="scalar")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    errors: list[str] = []
+
+    if args.granularity == "tensor":  # must be refused at attach, never silently per-partition
+        try:
+            engine_for(build_model(), "tensor", args.stage, world)
+            errors.append("granularity='tensor' was accepted under ZeRO")
+        except ValueError as e:
+            if "granularity='tensor' is not supported" not in str(e):
+                errors.append(f"unexpected error: {e}")
+        return finish(args, rank, errors)
+
+    ref = build_model()
+    ref_opt = make_opt(ref, args.granularity)
+    for x, y in batches(args.steps):
+        loss = torch.nn.functional.cross_entropy(ref(x), y)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+
+    engine, opt = engine_for(build_model(), args.granularity, args.stage, world)
+    train(engine, batches(args.steps), rank, world)
+    for a, b in zip(weights(engine, args.stage), ref.parameters()):
+        if not torch.allclose(a, b.detach(), rtol=1e-4, atol=1e-6):
+            errors.append(f"weights differ from one process: {(a - b).abs().max().item():.3g}")
+    if args.granularity in ("scalar", "block"):
+        ref_sizes = [g[0] for g in ref_opt.step_sizes()]
+        for gi, group in enumerate(opt.step_sizes()):
+            for s in group:
+                if not torch.allclose(s, ref_sizes[gi], rtol=1e-5):
+                    errors.append(f"group {gi} step size {s.item():.6g} vs one process {ref_sizes[gi].item():.6g}")
+    # state is replicated where it should be: every rank holds the same block step sizes
+    flat = torch.stack([s.reshape(()) for g in opt.step_sizes() for s in g]) if args.granularity != "element" \
+        else torch.zeros(1)
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if not all(torch.equal(gathered[0], g) for g in gathered):
+        errors.append("step sizes differ across ranks")
+
+    # exact resume from a DeepSpeed checkpoint (same world size)
+    ckpt = os.path.join(args.out, "ckpt")
+    engine.save_checkpoint(ckpt, tag="t")
+    more = list(batches(2 * args.steps))[args.steps:]
+    train(engine, more, rank, world)
+    engine2, opt2 = engine_for(build_model(seed=7), args.granularity, args.stage, world)
+    engine2.load_checkpoint(ckpt, tag="t")
+    train(engine2, more, rank, world)
+    for a, b in zip(weights(engine, args.stage), weights(engine2, args.stage)):
+        if not torch.equal(a, b):
+            errors.append(f"resumed run differs: {(a - b).abs().max().item():.3g}")
+    for ga, gb in zip(opt.step_sizes(), opt2.step_sizes()):
+        for a, b in zip(ga, gb):
+            if not torch.equal(a, b):
+                errors.append("resumed step sizes differ")
+    for st in opt2.state.values():
+        if st and st["trace"].dtype != torch.float32:
+            errors.append("trace not float32 after load")
+    return finish(args, rank, errors)
+
+
+def finish(args, rank, errors) -> int:
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump({"errors": errors}, f)
+    if errors:
+        print(f"rank {rank}: " + "\n".join(errors), file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
