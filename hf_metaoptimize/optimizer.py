@@ -719,28 +719,27 @@ def _base_bucket_step(
     H = [s["trace"] for s in sts]
     ok = okf.to(wide)
 
-    # per-tensor effective step sizes, masked: alpha = ok * lr * exp(log_step)
+    # A = -alpha, masked: -ok * lr * exp(log_step); one 0-d tensor per param, or param-shaped (element)
     if group["granularity"] == "element":
-        alpha = torch._foreach_exp([s["log_step"] for s in sts])
-        torch._foreach_mul_(alpha, ok * lr)
-        alpha_list = alpha
+        A = torch._foreach_exp([s["log_step"] for s in sts])
+        torch._foreach_mul_(A, ok * (-lr))
     else:
-        alpha = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
-        alpha_list = list(alpha.unbind(0))
+        Avec = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
+        A = list(Avec.unbind(0))
 
     steps = [s["step"] for s in sts]
     torch._foreach_add_(steps, okf.to(torch.float32))
 
-    # base rule: U <- update direction already scaled by -alpha (ALGORITHM.md table)
-    if base == "adamw":
-        b1, b2 = betas
-        torch._foreach_lerp_(M, grads, ok * (1 - b1))
+    # base rule (ALGORITHM.md table): U <- dw without weight decay = -alpha * direction
+    if base in ("adamw", "rmsprop"):
+        b2 = betas[-1]
+        if base == "adamw":
+            torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
         t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
-        bc1 = (1 - torch.pow(b1, t)).to(wide)
         bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
-        if own:  # reuse the grads' temporary copy as the step's workspace
+        if own and base == "adamw":  # the grads' temporary copy doubles as the workspace
             U = grads
             for v, u in zip(V, U):
                 torch.sqrt(v, out=u)
@@ -748,45 +747,38 @@ def _base_bucket_step(
             U = torch._foreach_sqrt(V)  # the step's one temporary list
         torch._foreach_div_(U, list(bc2_sqrt.unbind(0)))
         torch._foreach_add_(U, eps)
-        _div_into(M, U)  # U <- m / (sqrt(v_hat) + eps)
-        torch._foreach_mul_(U, _scale(alpha_list, -1.0 / bc1))
-    elif base == "rmsprop":
-        (b2,) = betas
-        torch._foreach_mul_(V, 1 - ok * (1 - b2))
-        torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
-        t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
-        U = torch._foreach_sqrt(V)
-        torch._foreach_div_(U, list(bc2_sqrt.unbind(0)))
-        torch._foreach_add_(U, eps)
-        _div_into(grads, U)  # U <- g / (sqrt(v_hat) + eps)
-        torch._foreach_mul_(U, _neg(alpha_list))
+        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v_hat) + eps)
+        if base == "rmsprop":
+            torch._foreach_mul_(U, A)
+        else:  # m_hat = m / (1 - rho^t)
+            bc1 = (1 - torch.pow(betas[0], t)).to(wide)
+            if group["granularity"] == "element":
+                torch._foreach_mul_(U, A)
+                torch._foreach_div_(U, list(bc1.unbind(0)))
+            else:
+                torch._foreach_mul_(U, list((Avec / bc1).unbind(0)))
     elif base == "sgd":
-        (rho,) = betas
-        torch._foreach_lerp_(M, grads, ok * (1 - rho))
-        U = torch._foreach_mul(M, _neg(alpha_list))
+        torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
+        U = torch._foreach_mul(M, A)
     else:  # lion
         c, rho = betas
         U = torch._foreach_lerp(grads, M, c)  # c*m + (1-c)*g
         torch._foreach_sign_(U)
-        torch._foreach_mul_(U, _neg(alpha_list))
+        torch._foreach_mul_(U, A)
         torch._foreach_lerp_(M, grads, ok * (1 - rho))
     if kappa != 0:
         # decoupled weight decay is part of the displacement: dw += -alpha * kappa * w
-        torch._foreach_addcmul_(U, P, _scale(alpha_list, -kappa))
+        torch._foreach_addcmul_(U, P, A, value=kappa)
 
-    # trace discount gamma * (1 - kappa * alpha); exactly 1 on a skipped step (alpha = 0, ok = 0)
-    if group["granularity"] == "element":
-        disc = torch._foreach_mul(alpha_list, -kappa * gamma)
-        torch._foreach_add_(disc, gamma)
-        # skipped: disc = gamma -> must be 1: disc = 1 + ok * (disc - 1)
-        torch._foreach_sub_(disc, 1.0)
-        torch._foreach_mul_(disc, ok)
-        torch._foreach_add_(disc, 1.0)
-        torch._foreach_mul_(H, disc)
+    # trace discount gamma * (1 - kappa * alpha); exactly 1 on a skipped step (alpha = 0, ok = 0):
+    # with A = -ok * alpha it is c0 + gamma * kappa * A, c0 = 1 + ok * (gamma - 1). A is reused in place.
+    c0 = 1 + ok * (gamma - 1)
+    if kappa != 0:
+        torch._foreach_mul_(A, gamma * kappa)
+        torch._foreach_add_(A, c0)
+        torch._foreach_mul_(H, A)
     else:
-        disc = 1 + ok * (gamma * (1 - kappa * alpha) - 1)
-        torch._foreach_mul_(H, list(disc.unbind(0)))
+        torch._foreach_mul_(H, c0)
     torch._foreach_add_(H, U)  # h <- disc * h + dw
     torch._foreach_add_(P, U)  # w <- w + dw
 
@@ -802,18 +794,6 @@ def _div_into(num: list[Tensor], den: list[Tensor]) -> None:
     """den <- num / den in place (no temporary; one rounding, like torch's addcdiv)."""
     for n, d in zip(num, den):
         torch.div(n, d, out=d)
-
-
-def _neg(alpha_list: list[Tensor]) -> list[Tensor]:
-    return torch._foreach_neg(alpha_list)
-
-
-def _scale(alpha_list: list[Tensor], factor: Tensor | float) -> list[Tensor]:
-    if isinstance(factor, Tensor):
-        if factor.dim() == 1 and len(alpha_list) and alpha_list[0].dim() == 0:
-            return list((torch.stack(alpha_list) * factor).unbind(0))
-        return torch._foreach_mul(alpha_list, list(factor.unbind(0)))
-    return torch._foreach_mul(alpha_list, factor)
 
 
 def _meta_update(
@@ -869,20 +849,43 @@ def _meta_step_element(
     state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], params: list[Tensor], z: list[Tensor],
     okf: Tensor
 ) -> None:
-    """Meta step for per-weight log step sizes (element granularity), one tensor at a time."""
-    adam = group["meta"] == "adam"
-    for p, zp in zip(params, z):
-        s = {k: _local(v) for k, v in state[p].items()}
-        zp = _local(zp)
-        L, MB, VB, S = _meta_update(
-            s["log_step"], s["meta_exp_avg"], s.get("meta_exp_avg_sq"), s.get("meta_step"), zp,
-            okf.to(p.device), group
-        )
-        s["log_step"].copy_(L)
-        s["meta_exp_avg"].copy_(MB)
-        if adam:
-            s["meta_exp_avg_sq"].copy_(VB)
-            s["meta_step"].copy_(S)
+    """Meta step for per-weight log step sizes (element granularity), in place on foreach lists.
+
+    Same arithmetic as :func:`_meta_update`; `z` (= h * g, our temporaries) is consumed as workspace.
+    """
+    sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
+    z = [_local(t) for t in z]
+    L = [s["log_step"] for s in sts]
+    MB = [s["meta_exp_avg"] for s in sts]
+    eta = group["meta_lr"]
+    lo, hi = group["log_step_bounds"]
+    b1, b2 = group["meta_betas"]
+    ok = okf.to(L[0].dtype)
+    if group["meta"] == "lion":
+        upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z
+        torch._foreach_sign_(upd)
+        torch._foreach_lerp_(MB, z, ok * (1 - b2))
+        torch._foreach_mul_(upd, ok * (-eta))
+        torch._foreach_add_(L, upd)
+    else:
+        VB = [s["meta_exp_avg_sq"] for s in sts]
+        S = [s["meta_step"] for s in sts]
+        torch._foreach_add_(S, okf.to(torch.float32))
+        s64 = torch.stack(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
+        bc1 = (1 - torch.pow(b1, s64)).to(L[0].dtype)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(L[0].dtype)
+        torch._foreach_lerp_(MB, z, ok * (1 - b1))
+        torch._foreach_mul_(VB, 1 - ok * (1 - b2))
+        torch._foreach_addcmul_(VB, z, z, value=1 - b2)
+        for v, w in zip(VB, z):
+            torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_hat) + eps
+        torch._foreach_div_(z, list(bc2_sqrt.unbind(0)))
+        torch._foreach_add_(z, group["meta_eps"])
+        _div_into(MB, z)
+        torch._foreach_mul_(z, list((ok * (-eta) / bc1).unbind(0)))
+        torch._foreach_add_(L, z)
+    for t in L:
+        t.clamp_(lo, hi)
 
 
 # ---------------------------------------------------------------------- checkpoint precision
