@@ -58,3 +58,19 @@ def test_unattached_partitioned_stepping_is_refused():
         opt.step()
     opt.param_groups = full
     opt.step()
+
+
+def test_shipped_configs_keep_metaoptimize():
+    import yaml
+
+    from hf_metaoptimize.integrations.deepspeed import check_config
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "configs"
+    stages = {}
+    for path in sorted(root.glob("ds_*.json")):
+        cfg = json.loads(path.read_text())
+        check_config(cfg)  # no "optimizer" section; offload only with zero_force_ds_cpu_optimizer false
+        stages[path.stem] = cfg["zero_optimization"]["stage"]
+    assert stages == {"ds_zero2": 2, "ds_zero2_offload": 2, "ds_zero3": 3}
+    fsdp = yaml.safe_load((root / "accelerate_fsdp2.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
