@@ -21,12 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CASES = [(b, g, False) for b in ("ddp", "fsdp2") for g in ("scalar", "block", "tensor", "element")]
+CASES += [("ddp", "block", True), ("fsdp2", "block", True)]  # bf16 autocast
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("granularity", ["scalar", "block", "tensor", "element"])
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
-def test_two_ranks_match_one_process(backend, granularity, tmp_path):
+@pytest.mark.parametrize("backend,granularity,bf16", CASES)
+def test_two_ranks_match_one_process(backend, granularity, bf16, tmp_path):
     cmd = ["timeout", "240", *TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), "--backend", backend, "--granularity", granularity, "--out", str(tmp_path)]
+    cmd += ["--bf16"] if bf16 else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     reports = sorted(tmp_path.glob("rank*.json"))
