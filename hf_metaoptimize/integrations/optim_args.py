@@ -1,0 +1,281 @@
+"""`--optim metaoptimize` settings: the `--optim_args` schema, its parser, and the kwargs for `MetaOptimize`.
+
+Pure Python: nothing here imports transformers, so `TrainingArguments.__post_init__` can validate a run's
+settings while the arguments are parsed, long before the model is loaded or the first step is taken.
+
+Sources, later ones win: the optimizer name (`metaoptimize` -> AdamW base, `metaoptimize_lion` -> Lion base),
+the typed `--metaoptimize_*` fields of `MetaOptimizeTrainingArguments`, then `--optim_args`. A key given both
+in `--optim_args` and as a typed field set to a non-default value is an error (two answers for one question).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# --optim name -> the base rule it selects (the paper's default pair is AdamW base + Lion meta).
+OPTIM_NAMES: dict[str, str] = {"metaoptimize": "adamw", "metaoptimize_lion": "lion"}
+
+BASES = ("adamw", "lion", "sgd", "rmsprop")
+METAS = ("lion", "adam")
+# "layer" is the Trainer-level name of block granularity with one block per transformer layer
+# (hf_metaoptimize.layers); "block" is not offered here because the Trainer's own param groups
+# (decay / no-decay) are not meaningful blocks.
+GRANULARITIES = ("scalar", "layer", "tensor", "element")
+
+# Defaults of the base rules' coefficients (docs/design.md). `--adam_beta1/2` feed them (see base_betas()).
+BASE_BETAS: dict[str, tuple[float, ...]] = {
+    "adamw": (0.9, 0.999),
+    "lion": (0.9, 0.99),
+    "sgd": (0.9,),
+    "rmsprop": (0.99,),
+}
+META_BETAS: dict[str, tuple[float, float]] = {"lion": (0.9, 0.99), "adam": (0.9, 0.999)}
+# Bases that use eps (adamw/rmsprop); for the others `--adam_epsilon` is ignored.
+BASES_WITH_EPS = ("adamw", "rmsprop")
+
+
+class OptimArgsError(ValueError):
+    """A bad `--optim_args` (or `--metaoptimize_*`) setting for `--optim metaoptimize*`."""
+
+
+def _as_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if low in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _as_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def cast(text: str) -> str:
+        low = text.strip().lower()
+        if low not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return low
+
+    cast.__name__ = "one of " + "|".join(options)
+    return cast
+
+
+def _in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[float], bool]:
+    def check(v: float) -> bool:
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return check
+
+
+@dataclass(frozen=True)
+class OptimArg:
+    name: str
+    cast: Callable[[str], Any]
+    help: str
+    default: Any = None
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # human-readable form of `check`
+
+    @property
+    def kind(self) -> str:
+        if self.cast is _as_float:
+            return "float"
+        if self.cast is _as_bool:
+            return "bool"
+        return getattr(self.cast, "__name__", "str")
+
+
+# The schema: every key `--optim_args` accepts for --optim metaoptimize / metaoptimize_lion.
+OPTIM_ARGS: dict[str, OptimArg] = {
+    a.name: a
+    for a in (
+        OptimArg("base", _choice(BASES), "base rule that takes the steps (default: from --optim)"),
+        OptimArg("meta", _choice(METAS), "meta rule that learns the log step sizes", "lion"),
+        OptimArg("granularity", _choice(GRANULARITIES),
+                 "how many step sizes: one (scalar), one per transformer layer + embeddings + head (layer), "
+                 "one per tensor, one per weight (element)", "scalar"),
+        OptimArg("meta_lr", _as_float, "meta step size eta on the log step sizes", 1e-3,
+                 lambda v: v >= 0, ">= 0"),
+        OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", 1.0, _in(0, 1), "in [0, 1]"),
+        OptimArg("meta_beta1", _as_float, "meta rule's first coefficient (lion: c_bar 0.9; adam: 0.9)", None,
+                 _in(0, 1, hi_open=True), "in [0, 1)"),
+        OptimArg("meta_beta2", _as_float, "meta rule's second coefficient (lion: rho_bar 0.99; adam: 0.999)", None,
+                 _in(0, 1, hi_open=True), "in [0, 1)"),
+        OptimArg("meta_eps", _as_float, "meta Adam's epsilon (meta=adam only)", None, lambda v: v > 0, "> 0"),
+        OptimArg("log_step_min", _as_float, "lower clamp of the learned log step multiplier", -14.0,
+                 lambda v: v <= 0, "<= 0"),
+        OptimArg("log_step_max", _as_float, "upper clamp of the learned log step multiplier", 14.0,
+                 lambda v: v >= 0, ">= 0"),
+        OptimArg("skip_nonfinite", _as_bool, "skip a step whose gradient or meta-gradient is not finite", True),
+        OptimArg("foreach", _as_bool, "use the multi-tensor (foreach) kernels (default: auto)", None),
+    )
+}
+
+
+def valid_keys_text() -> str:
+    return ", ".join(OPTIM_ARGS)
+
+
+def describe_optim_args() -> str:
+    """One line per key, for error messages and documentation."""
+    lines = []
+    for a in OPTIM_ARGS.values():
+        extra = f", {a.rule}" if a.rule else ""
+        default = "" if a.default is None else f", default {a.default}"
+        lines.append(f"  {a.name} ({a.kind}{extra}{default}): {a.help}")
+    return "\n".join(lines)
+
+
+def _fail(optim: str, message: str) -> OptimArgsError:
+    return OptimArgsError(
+        f"--optim {optim}: {message}\nValid --optim_args keys (comma-separated key=value):\n{describe_optim_args()}"
+    )
+
+
+def parse_optim_args(text: str | None, optim: str = "metaoptimize") -> dict[str, Any]:
+    """Parse `"k=v,k2=v2"` (as the Trainer receives `--optim_args`) into typed, validated values.
+
+    Only keys that were given are returned. Raises `OptimArgsError` naming the bad key/value and listing the
+    valid keys.
+    """
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):  # a dict from a config file
+        items = [(str(k), str(v)) for k, v in text.items()]
+    else:
+        items = []
+        for chunk in str(text).replace(" ", "").split(","):
+            if not chunk:
+                continue
+            if chunk.count("=") != 1:
+                raise _fail(optim, f"--optim_args entry {chunk!r} is not of the form key=value")
+            key, value = chunk.split("=")
+            items.append((key, value))
+    out: dict[str, Any] = {}
+    for key, value in items:
+        key = key.strip().lower()
+        spec = OPTIM_ARGS.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, OPTIM_ARGS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _fail(optim, f"unknown --optim_args key {key!r}{hint}")
+        if key in out:
+            raise _fail(optim, f"--optim_args key {key!r} given twice")
+        try:
+            cast = spec.cast(value)
+        except ValueError as err:
+            raise _fail(optim, f"--optim_args {key}={value!r} is not valid: {err} ({spec.help})") from None
+        if spec.check is not None and not spec.check(cast):
+            raise _fail(optim, f"--optim_args {key}={value!r} is out of range: must be {spec.rule} ({spec.help})")
+        out[key] = cast
+    return out
+
+
+def is_metaoptimize(optim: Any) -> bool:
+    """Whether an `args.optim` value (str or enum member) names one of our optimizers."""
+    value = getattr(optim, "value", optim)
+    return isinstance(value, str) and value in OPTIM_NAMES
+
+
+def optim_name(optim: Any) -> str:
+    value = getattr(optim, "value", optim)
+    return value if isinstance(value, str) and value in OPTIM_NAMES else "metaoptimize"
+
+
+# Typed fields of MetaOptimizeTrainingArguments: field name -> optim_args key.
+TYPED_FIELDS: dict[str, str] = {f"metaoptimize_{k}": k for k in OPTIM_ARGS if k != "foreach"}
+
+
+def resolve_spec(args: Any) -> dict[str, Any]:
+    """The complete, validated MetaOptimize setting of a TrainingArguments-like object.
+
+    Returns a dict with every key of OPTIM_ARGS filled in (`meta_beta1/2`, `meta_eps`, `foreach` may stay None,
+    meaning "the optimizer's default").
+    """
+    optim = optim_name(getattr(args, "optim", "metaoptimize"))
+    spec: dict[str, Any] = {k: a.default for k, a in OPTIM_ARGS.items()}
+    spec["base"] = OPTIM_NAMES[optim]
+    from_fields: dict[str, Any] = {}
+    for field_name, key in TYPED_FIELDS.items():
+        if not hasattr(args, field_name):
+            continue
+        value = getattr(args, field_name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = parse_optim_args(f"{key}={value}", optim)[key]
+        else:
+            parse_optim_args(f"{key}={value}", optim)  # same validation as --optim_args
+        if value != OPTIM_ARGS[key].default:
+            from_fields[key] = value
+        spec[key] = value
+    given = parse_optim_args(getattr(args, "optim_args", None), optim)
+    for key in given.keys() & from_fields.keys():
+        if given[key] != from_fields[key]:
+            raise _fail(
+                optim,
+                f"{key} is set twice: --metaoptimize_{key} {from_fields[key]} and --optim_args {key}={given[key]}; "
+                "keep one",
+            )
+    spec.update(given)
+    if spec["meta_eps"] is not None and spec["meta"] != "adam":
+        raise _fail(optim, f"meta_eps only applies to meta=adam (got meta={spec['meta']})")
+    if spec["log_step_min"] > spec["log_step_max"]:
+        raise _fail(optim, "log_step_min must be <= log_step_max")
+    return spec
+
+
+def base_betas(base: str, beta1: float, beta2: float) -> tuple[float, ...]:
+    """Map `--adam_beta1/--adam_beta2` onto the base rule's coefficients.
+
+    adamw: (beta1, beta2) = (rho, lambda); lion: (beta1, beta2) = (c, rho); sgd: (beta1,) = momentum rho;
+    rmsprop: (beta2,) = lambda. Callers substitute the base's own default for a coefficient the user did not
+    name (registry.resolve_training_args does that once, when the arguments are parsed).
+    """
+    if base in ("adamw", "lion"):
+        return (float(beta1), float(beta2))
+    if base == "sgd":
+        return (float(beta1),)
+    if base == "rmsprop":
+        return (float(beta2),)
+    raise ValueError(f"unknown base {base!r}")
+
+
+def optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for `MetaOptimize(params, **kwargs)` from TrainingArguments (+ the resolved spec)."""
+    spec = resolve_spec(args) if spec is None else spec
+    base = spec["base"]
+    kwargs: dict[str, Any] = {
+        "lr": float(args.learning_rate),
+        "base": base,
+        "meta": spec["meta"],
+        "granularity": "block" if spec["granularity"] == "layer" else spec["granularity"],
+        "meta_lr": spec["meta_lr"],
+        "gamma": spec["gamma"],
+        "betas": base_betas(base, args.adam_beta1, args.adam_beta2),
+        "weight_decay": float(args.weight_decay),
+        "log_step_bounds": (spec["log_step_min"], spec["log_step_max"]),
+        "skip_nonfinite": spec["skip_nonfinite"],
+    }
+    if base in BASES_WITH_EPS:
+        kwargs["eps"] = float(args.adam_epsilon)
+    if spec["meta_beta1"] is not None or spec["meta_beta2"] is not None:
+        d1, d2 = META_BETAS[spec["meta"]]
+        kwargs["meta_betas"] = (
+            d1 if spec["meta_beta1"] is None else spec["meta_beta1"],
+            d2 if spec["meta_beta2"] is None else spec["meta_beta2"],
+        )
+    if spec["meta_eps"] is not None:
+        kwargs["meta_eps"] = spec["meta_eps"]
+    if spec["foreach"] is not None:
+        kwargs["foreach"] = spec["foreach"]
+    return kwargs

@@ -1,0 +1,60 @@
+"""Run an unmodified training script with `--optim metaoptimize` available.
+
+    python -m hf_metaoptimize.launch train.py ARGS...
+    python -m hf_metaoptimize.launch -m package.module ARGS...
+
+Under other launchers, launch this module:
+    torchrun --nproc_per_node N -m hf_metaoptimize.launch train.py ARGS...
+    accelerate launch -m hf_metaoptimize.launch train.py ARGS...
+    deepspeed --module hf_metaoptimize.launch train.py ARGS...
+
+It installs the lazy registration hook (hf_metaoptimize.integrations.autoregister): `register()` is applied to
+transformers when the script imports it, so nothing of transformers is imported before the script runs (scripts
+that set HF_HOME & co. before importing transformers behave as usual). Then the target runs as `__main__`, with
+`sys.argv` and `sys.path[0]` as `python train.py ARGS...` / `python -m package.module ARGS...` would set them.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+USAGE = (
+    "usage: python -m hf_metaoptimize.launch SCRIPT.py [ARGS...]\n"
+    "       python -m hf_metaoptimize.launch -m MODULE [ARGS...]\n"
+    "Runs SCRIPT / MODULE with --optim metaoptimize and metaoptimize_lion registered in transformers."
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+
+    from .integrations.autoregister import install
+
+    install()
+    if argv[0] == "-m" or (argv[0].startswith("-m") and len(argv[0]) > 2):
+        module = argv[1] if argv[0] == "-m" else argv[0][2:]
+        rest = argv[2:] if argv[0] == "-m" else argv[1:]
+        if not module:
+            raise SystemExit(USAGE)
+        sys.argv = [module, *rest]  # run_module(alter_sys=True) sets argv[0] to the module's file
+        if not sys.path or sys.path[0] != os.getcwd():
+            sys.path.insert(0, os.getcwd())
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        if argv[0].startswith("-"):
+            raise SystemExit(f"unknown option {argv[0]!r}\n{USAGE}")
+        script = argv[0]
+        if not os.path.exists(script):
+            raise SystemExit(f"hf_metaoptimize.launch: no such script: {script}")
+        sys.argv = argv
+        sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` does
+        runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""register(), --optim parsing on TrainingArguments and subclasses, --optim_args validation, defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+from contextlib import redirect_stdout
+
+import pytest
+
+import _tiny  # noqa: F401  (offline env, one thread)
+
+import hf_metaoptimize
+from hf_metaoptimize.integrations import registry
+from hf_metaoptimize.integrations.optim_args import OPTIM_ARGS, OptimArgsError, optimizer_kwargs, parse_optim_args
+
+hf_metaoptimize.register()
+
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainingArguments  # noqa: E402
+from transformers import trainer_optimizer  # noqa: E402
+from transformers.training_args import OptimizerNames  # noqa: E402
+
+
+def parse(cls, *argv):
+    (args,) = HfArgumentParser(cls).parse_args_into_dataclasses(["--output_dir", "unused", *argv])
+    return args
+
+
+def test_register_is_idempotent_and_installs_everything():
+    before = (list(OptimizerNames._member_names_), Trainer.log, Trainer.create_scheduler, TrainingArguments.__post_init__)
+    hf_metaoptimize.register()
+    hf_metaoptimize.register()
+    after = (list(OptimizerNames._member_names_), Trainer.log, Trainer.create_scheduler, TrainingArguments.__post_init__)
+    assert before == after
+    assert OptimizerNames("metaoptimize") is OptimizerNames.METAOPTIMIZE
+    assert OptimizerNames("metaoptimize_lion") is OptimizerNames.METAOPTIMIZE_LION
+    assert [m.value for m in OptimizerNames].count("metaoptimize") == 1
+    assert trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames.METAOPTIMIZE] is registry._handler
+    # the wrappers are not stacked
+    assert not getattr(Trainer.log.__wrapped__, registry._WRAPPED, False)
+
+
+@pytest.mark.parametrize("cls", [TrainingArguments, Seq2SeqTrainingArguments])
+def test_optim_parses_for_training_arguments_and_subclasses(cls):
+    args = parse(cls, "--optim", "metaoptimize")
+    assert args.optim == OptimizerNames.METAOPTIMIZE
+    assert args.lr_scheduler_type == "constant"  # none named: constant
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.999, 1e-8)
+
+    args = parse(cls, "--optim", "metaoptimize_lion")
+    assert args.adam_beta2 == 0.99  # Lion's rho unless named
+    args = parse(cls, "--optim", "metaoptimize_lion", "--adam_beta2", "0.999", "--lr_scheduler_type", "linear")
+    assert (args.adam_beta2, args.lr_scheduler_type) == (0.999, "linear")  # named: kept, even at the default value
+    args = parse(cls, "--optim", "metaoptimize", "--warmup_steps", "10")
+    assert args.lr_scheduler_type == "constant_with_warmup"
+    args = parse(cls, "--optim", "metaoptimize", "--lr_scheduler_type", "cosine")
+    assert args.lr_scheduler_type == "cosine"
+    # other optimizers are untouched
+    assert parse(cls, "--optim", "adamw_torch").lr_scheduler_type == "linear"
+    assert cls("x", optim="metaoptimize").lr_scheduler_type == "constant"
+    assert cls("x", optim="metaoptimize", lr_scheduler_type="linear").lr_scheduler_type == "linear"
+    assert cls("x").lr_scheduler_type == "linear"
+
+
+def test_parse_dict_and_dataclass_defined_after_register():
+    (args,) = HfArgumentParser(TrainingArguments).parse_dict(
+        {"output_dir": "x", "optim": "metaoptimize_lion", "lr_scheduler_type": "linear"}
+    )
+    assert (args.lr_scheduler_type, args.adam_beta2) == ("linear", 0.99)
+
+    @dataclasses.dataclass
+    class LaterConfig(TrainingArguments):  # e.g. a TRL config imported after register()
+        extra: int = 1
+
+    later = LaterConfig("x", optim="metaoptimize")
+    assert later.lr_scheduler_type == "constant"
+    assert parse(LaterConfig, "--optim", "metaoptimize", "--extra", "2").lr_scheduler_type == "constant"
+
+
+def test_set_optimizer_and_set_lr_scheduler():
+    args = TrainingArguments("x").set_optimizer(name="metaoptimize_lion", learning_rate=1e-4)
+    assert (args.optim, args.lr_scheduler_type, args.adam_beta2) == (OptimizerNames.METAOPTIMIZE_LION, "constant", 0.99)
+    args = TrainingArguments("x").set_optimizer(name="metaoptimize_lion", beta2=0.999)
+    assert args.adam_beta2 == 0.999
+    args = TrainingArguments("x").set_lr_scheduler(name="linear").set_optimizer(name="metaoptimize")
+    assert args.lr_scheduler_type == "linear"
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"optimizer": {"type": "AdamW"}}, '"optimizer" section'),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "zero_force_ds_cpu_optimizer"),
+        ({"zero_optimization": {"stage": 1}}, "granularity=tensor is not supported under DeepSpeed ZeRO"),
+    ],
+)
+def test_deepspeed_configs_that_would_replace_the_optimizer_are_refused(config, needle, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=needle):  # before DeepSpeed is imported: while parsing
+        parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "granularity=tensor", "--deepspeed", str(path))
+    registry.check_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                     "zero_force_ds_cpu_optimizer": False})
+    registry.check_deepspeed_config({"zero_optimization": {"stage": 3}})
+
+
+def test_markers_do_not_leak():
+    args = TrainingArguments("x", optim="metaoptimize_lion")
+    for name in registry.TRACKED_FIELDS:
+        assert type(getattr(args, name)).__module__ != registry.__name__
+    assert pickle.loads(pickle.dumps(args)).optim == OptimizerNames.METAOPTIMIZE_LION
+    assert '"optim": "metaoptimize_lion"' in args.to_json_string()
+
+
+@pytest.mark.parametrize(
+    "optim_args, needle",
+    [
+        ("meta_lrr=1e-3", "unknown --optim_args key 'meta_lrr' (did you mean 'meta_lr'?)"),
+        ("base=adam", "base='adam' is not valid"),
+        ("meta_lr=fast", "meta_lr='fast' is not valid"),
+        ("gamma=1.5", "gamma='1.5' is out of range"),
+        ("meta_lr=-1", "meta_lr='-1' is out of range"),
+        ("granularity", "'granularity' is not of the form key=value"),
+        ("skip_nonfinite=maybe", "skip_nonfinite='maybe' is not valid"),
+        ("meta_eps=1e-6", "meta_eps only applies to meta=adam"),
+        ("log_step_min=1", "log_step_min='1' is out of range"),
+    ],
+)
+def test_bad_optim_args_fail_while_parsing(optim_args, needle):
+    with pytest.raises(OptimArgsError) as info:
+        parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", optim_args)
+    message = str(info.value)
+    assert needle in message
+    for key in OPTIM_ARGS:  # the valid keys are listed
+        assert f"  {key} (" in message
+
+
+def test_optim_args_cast_and_kwargs_mapping():
+    assert parse_optim_args("base=lion, meta=adam,granularity=tensor,meta_lr=1e-2,gamma=1,skip_nonfinite=no") == {
+        "base": "lion", "meta": "adam", "granularity": "tensor", "meta_lr": 0.01, "gamma": 1.0,
+        "skip_nonfinite": False,
+    }
+    args = parse(
+        TrainingArguments, "--optim", "metaoptimize", "--adam_beta1", "0.8", "--adam_beta2", "0.95",
+        "--adam_epsilon", "1e-6", "--weight_decay", "0.1", "--learning_rate", "3e-4",
+        "--optim_args", "meta=adam,meta_eps=1e-7,meta_beta2=0.99,gamma=0.999",
+    )
+    kw = optimizer_kwargs(args)
+    assert kw["lr"] == 3e-4 and kw["base"] == "adamw" and kw["betas"] == (0.8, 0.95) and kw["eps"] == 1e-6
+    assert kw["weight_decay"] == 0.1 and kw["meta"] == "adam" and kw["meta_betas"] == (0.9, 0.99)
+    assert kw["meta_eps"] == 1e-7 and kw["gamma"] == 0.999 and kw["granularity"] == "scalar"
+
+    lion = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize_lion", "--adam_epsilon", "1e-6"))
+    assert lion["base"] == "lion" and lion["betas"] == (0.9, 0.99) and "eps" not in lion
+    sgd = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "base=sgd"))
+    assert sgd["betas"] == (0.9,) and "eps" not in sgd
+    rms = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "base=rmsprop"))
+    assert rms["betas"] == (0.99,) and rms["eps"] == 1e-8
+    layer = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "granularity=layer"))
+    assert layer["granularity"] == "block"
+
+
+@pytest.mark.parametrize("optim_args", ["", "base=lion", "base=sgd", "base=rmsprop,meta=adam", "granularity=element"])
+def test_kwargs_build_a_real_optimizer(optim_args):
+    args = parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", optim_args, "--weight_decay", "0.01")
+    cls, kwargs = registry.build_optimizer_cls_and_kwargs(args, _tiny.tiny_gpt2())
+    assert cls is hf_metaoptimize.MetaOptimize
+    optimizer = cls(_tiny.tiny_gpt2().parameters(), **kwargs)
+    assert optimizer.param_groups[0]["lr"] == args.learning_rate
+
+
+def test_metaoptimize_training_arguments_typed_flags():
+    from hf_metaoptimize import MetaOptimizeTrainingArguments
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        HfArgumentParser(MetaOptimizeTrainingArguments).parse_args_into_dataclasses(["--help"])
+    text = " ".join(out.getvalue().split())
+    for flag in ("--metaoptimize_meta_lr", "--metaoptimize_granularity", "--metaoptimize_gamma", "--metaoptimize_meta"):
+        assert flag in text
+    assert "{scalar,layer,tensor,element}" in text and "(default: 0.001)" in text
+
+    args = parse(MetaOptimizeTrainingArguments, "--metaoptimize_granularity", "layer", "--metaoptimize_meta_lr", "0.01")
+    assert args.optim == OptimizerNames.METAOPTIMIZE and args.lr_scheduler_type == "constant"
+    kw = optimizer_kwargs(args)
+    assert kw["granularity"] == "block" and kw["meta_lr"] == 0.01
+    # typed field and --optim_args agreeing is fine; disagreeing is an error
+    parse(MetaOptimizeTrainingArguments, "--metaoptimize_meta_lr", "0.01", "--optim_args", "meta_lr=0.01")
+    with pytest.raises(OptimArgsError, match="meta_lr is set twice"):
+        parse(MetaOptimizeTrainingArguments, "--metaoptimize_meta_lr", "0.01", "--optim_args", "meta_lr=0.02")
+    direct = MetaOptimizeTrainingArguments("x", metaoptimize_base="lion")
+    assert direct.lr_scheduler_type == "constant" and direct.adam_beta2 == 0.99
+
+
+def test_training_args_bin_round_trip(tmp_path):
+    import torch
+
+    from hf_metaoptimize.integrations.transformers import load_training_args
+
+    args = parse(TrainingArguments, "--optim", "metaoptimize_lion", "--optim_args", "meta_lr=0.01")
+    torch.save(args, tmp_path / "training_args.bin")
+    loaded = load_training_args(tmp_path / "training_args.bin")
+    assert loaded.optim == OptimizerNames.METAOPTIMIZE_LION and loaded.optim_args == "meta_lr=0.01"
+
+
+@pytest.mark.parametrize("version", ["4.57.1", "5.1.0", "6.0.0"])
+def test_unsupported_transformers_versions_are_refused(version, monkeypatch):
+    monkeypatch.delenv(registry.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=f"found transformers {version}"):
+        registry.check_transformers_version(version)
+    registry.check_transformers_version("5.24.0")
+    registry.check_transformers_version("5.2.0.dev0")
+    monkeypatch.setenv(registry.ALLOW_UNTESTED_ENV, "1")
+    if version.startswith("6"):
+        registry.check_transformers_version(version)  # allowed (with a warning) for newer versions only
+
+
+def test_installed_transformers_has_the_private_table_we_rely_on():
+    """CI guard: the private dispatch table and its context object look as register() expects."""
+    ctx_fields = {f.name for f in dataclasses.fields(trainer_optimizer.OptimizerContext)}
+    assert {"args", "model", "optimizer_kwargs", "adam_kwargs", "optim_args"} <= ctx_fields
+    assert isinstance(trainer_optimizer._OPTIMIZER_HANDLERS, dict)
+    args = parse(TrainingArguments, "--optim", "metaoptimize")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, _tiny.tiny_gpt2())
+    assert cls is hf_metaoptimize.MetaOptimize and kwargs["base"] == "adamw"
