@@ -21,3 +21,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# `make demo`: examples/run_clm.py (a stock Trainer script) through the launcher with --optim metaoptimize on
+# Shakespeare's plays; prints progress, the learned step sizes at the end, and writes $(DEMO_OUT)/step_sizes.png.
+DEMO_OUT ?= runs/demo
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) examples/demo.py --output_dir $(DEMO_OUT)
