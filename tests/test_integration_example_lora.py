@@ -1,0 +1,34 @@
+"""examples/lora_minilm.py in a quick mode: LoRA on the pretrained MiniLM through MetaOptimizeTrainer with
+--optim metaoptimize and one step size per BERT layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+
+def run(args, timeout=240):
+    return subprocess.run(["timeout", str(timeout), sys.executable, *args], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT)
+
+
+def test_lora_minilm_quick(tmp_path):
+    proc = run(["examples/lora_minilm.py", "--output_dir", str(tmp_path), "--optim", "metaoptimize",
+                "--metaoptimize_granularity", "layer", "--max_steps", "3", "--logging_steps", "3",
+                "--samples_per_class", "24", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "trainable params" in proc.stdout and "learned step sizes:" in proc.stdout
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    (train,) = [e for e in history if "loss" in e]
+    layers = {k for k in train if k.startswith("step_size/bert.encoder.layer.")}
+    assert len(layers) == 6 and "step_size/head" in train and "step_size/embeddings" not in train  # frozen
+    assert any("eval_accuracy" in e for e in history)
+    assert (tmp_path / "step_sizes.png").is_file()
