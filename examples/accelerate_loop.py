@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--print_every", type=int, default=50)
     parser.add_argument("--checkpoint_dir", default=None, help="save_state() here at the end")
+    parser.add_argument("--no_shuffle", action="store_true", help="fixed batch order (to compare process counts)")
+    parser.add_argument("--report", default=None, help="write final step sizes and weights (JSON) here")
     args = parser.parse_args()
 
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
@@ -57,7 +59,7 @@ def main() -> None:
         groups, lr=args.lr, base="adamw", meta="lion", granularity=args.granularity, meta_lr=args.meta_lr,
         weight_decay=0.01,
     )
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=not args.no_shuffle, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     step, micro = 0, 0
@@ -92,6 +94,15 @@ def main() -> None:
         x, y = x.to(accelerator.device), y.to(accelerator.device)
         accuracy = (model(x).argmax(-1) == y).float().mean().item()
     accelerator.print(f"test accuracy {accuracy:.3f}")
+    if args.report and accelerator.is_main_process:
+        import json
+
+        inner = optimizer.optimizer
+        with open(args.report, "w") as f:
+            json.dump({"processes": accelerator.num_processes,
+                       "step_sizes": [s.flatten().tolist() for row in inner.step_sizes() for s in row],
+                       "weights": [p.detach().flatten().tolist() for p in accelerator.unwrap_model(model).parameters()],
+                       "test_accuracy": accuracy}, f)
     if args.checkpoint_dir:
         accelerator.save_state(args.checkpoint_dir)
         accelerator.print(f"saved state (weights, optimizer incl. learned step sizes) to {args.checkpoint_dir}")
