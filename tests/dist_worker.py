@@ -4,7 +4,8 @@ Run with ``torchrun --nproc_per_node 2 tests/dist_worker.py --backend fsdp2 --gr
 (CPU, gloo). Every rank trains the same model on its half of each global batch; rank 0 also trains the
 same model in one process on the whole batch, and every rank checks weights and learned step sizes against
 it. Exit status 0 means equal within float32 tolerance; also checks that replicated optimizer state is
-identical on every rank and that an FSDP2 sharded checkpoint (torch.distributed.checkpoint) resumes exactly.
+identical on every rank, and that a checkpoint resumes exactly: DDP through torch.save of the state_dicts,
+FSDP2 through a sharded torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def main() -> int:
             if not hasattr(tr, "placements") or not any(pl.is_shard() for pl in tr.placements):
                 errors.append("trace is not sharded")
         errors += check_fsdp2_resume(args, model, opt, rank, world)
+    else:
+        errors += check_ddp_resume(args, model, wrapped, opt, rank, world)
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump({"errors": errors}, f)
@@ -138,6 +141,33 @@ def main() -> int:
     if errors:
         print(f"rank {rank}: " + "\n".join(errors), file=sys.stderr)
     return 1 if errors else 0
+
+
+def check_ddp_resume(args, model, wrapped, opt, rank, world) -> list[str]:
+    """Rank 0 saves model + optimizer state_dict (torch.save); a fresh DDP run loads it and continues."""
+    path = os.path.join(args.out, "ddp.pt")
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    more = list(batches(2 * args.steps))[args.steps:]
+    train(wrapped, opt, more, rank, world, dp=True)
+
+    model2 = build_model(seed=99)
+    ckpt = torch.load(path, weights_only=True)
+    model2.load_state_dict(ckpt["model"])
+    wrapped2 = torch.nn.parallel.DistributedDataParallel(model2)
+    opt2 = make_opt(model2, args.granularity)
+    opt2.load_state_dict(ckpt["optim"])
+    train(wrapped2, opt2, more, rank, world, dp=True)
+    errors = []
+    for p, q in zip(model.parameters(), model2.parameters()):
+        if not torch.equal(p, q):
+            errors.append(f"DDP resume differs: {(p - q).abs().max().item():.3g}")
+    for ga, gb in zip(opt.step_sizes(), opt2.step_sizes()):
+        for a, b in zip(ga, gb):
+            if not torch.equal(a, b):
+                errors.append("DDP resumed step sizes differ")
+    return errors
 
 
 def check_fsdp2_resume(args, model, opt, rank, world) -> list[str]:
