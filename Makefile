@@ -27,3 +27,14 @@ clean:
 DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) examples/demo.py --output_dir $(DEMO_OUT)
+
+# Benchmarks (docs/benchmarks.md). Every process computes on one thread; BENCH_JOBS task processes run side by
+# side (the overhead timings always run alone). Resumable: stored runs with unchanged settings are reused.
+BENCH_JOBS ?= 2
+BENCH_ENV  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+bench: $(STAMP)
+	$(BENCH_ENV) $(PYTHON) -m benchmarks.run --suite full --jobs $(BENCH_JOBS)
+
+bench-quick: $(STAMP)
+	$(BENCH_ENV) $(PYTHON) -m benchmarks.run --suite quick --force
