@@ -77,7 +77,7 @@ class MetaOptimize(Optimizer):
             exactly +-meta_lr or 0 per step) or ``"adam"``.
         granularity (str, default "scalar"): how many step sizes: ``"scalar"`` (one for all params),
             ``"block"`` (one per block of param groups), ``"tensor"`` (one per parameter tensor),
-            ``"element"`` (one per weight: one more param-sized buffer, or two with ``meta="adam"``).
+            ``"element"`` (one per weight: two more param-sized float32 buffers, three with ``meta="adam"``).
         meta_lr (float, default 1e-3): meta step size eta (the paper's value for scalar/blockwise). With
             Lion meta, alpha changes by at most a factor e every ``1/meta_lr`` steps. ``0`` turns
             MetaOptimize into the plain base optimizer with step size ``lr``.
@@ -104,8 +104,8 @@ class MetaOptimize(Optimizer):
             same math one tensor at a time. Default: ``True``.
 
     Memory: the base optimizer's state plus ONE float32 trace per weight; scalar / block / tensor
-    granularity add a few scalars per parameter tensor, element granularity one (Lion meta) or two (Adam
-    meta) more float32 buffers per weight. Compute: one dot product per parameter tensor per step and a
+    granularity add a few scalars per parameter tensor, element granularity two (Lion meta: log step and
+    meta momentum) or three (Adam meta) more float32 buffers per weight. Compute: one dot product per parameter tensor per step and a
     handful of elementwise passes; ``step()`` never synchronises with the host (``step_sizes()`` neither).
 
     State (per parameter, created on the first step in which it has a gradient): ``step``, the base
