@@ -105,8 +105,10 @@ class MetaOptimize(Optimizer):
 
     Memory: the base optimizer's state plus ONE float32 trace per weight; scalar / block / tensor
     granularity add a few scalars per parameter tensor, element granularity two (Lion meta: log step and
-    meta momentum) or three (Adam meta) more float32 buffers per weight. Compute: one dot product per parameter tensor per step and a
-    handful of elementwise passes; ``step()`` never synchronises with the host (``step_sizes()`` neither).
+    meta momentum) or three (Adam meta) more float32 buffers per weight. Compute: one dot product per
+    parameter tensor per step and a handful of elementwise passes; ``step()`` never synchronises with the
+    host (``step_sizes()`` neither). Measured on 10M weights, 1 CPU thread (``benchmarks/bench_step.py``):
+    1.4x the step time of ``torch.optim.AdamW(foreach=True)`` for scalar / tensor, 3.6x for element.
 
     State (per parameter, created on the first step in which it has a gradient): ``step``, the base
     moments (``exp_avg``, ``exp_avg_sq``, in the param dtype), ``trace``, ``log_step``,
