@@ -1,0 +1,150 @@
+"""Trainer step time: `--optim metaoptimize` (scalar, layer, tensor) vs `--optim adamw_torch` on the Shakespeare
+model (the GPT-2 of `benchmarks.task_lm`, same batch and context).
+
+A/B interleaved: every round trains each contender for `--steps` steps in a fresh Trainer (same initial
+weights, same batches), so drift on a shared machine hits all of them alike. A callback times each optimizer
+step from `on_step_begin` to `on_step_end` (data, forward, backward, clipping, optimizer step, scheduler);
+the first `--skip` steps of every chunk are dropped. The `optimizer.step()` call alone is timed too
+(`on_pre_optimizer_step` to `on_optimizer_step`). Medians over all kept steps; ratio = median / median of
+adamw_torch. Prints a table and writes JSON.
+
+    python -m benchmarks.bench_trainer_step [--rounds 4] [--steps 25] [--json benchmarks/results/trainer_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from . import common, data, task_lm
+
+CONTENDERS = {
+    "adamw_torch": {"optim": "adamw_torch"},
+    "metaoptimize (scalar)": {"optim": "metaoptimize"},
+    "metaoptimize (layer)": {"optim": "metaoptimize", "optim_args": "granularity=layer"},
+    "metaoptimize (tensor)": {"optim": "metaoptimize", "optim_args": "granularity=tensor"},
+}
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, stream, context: int, count: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(stream) - context - 1, (count,), generator=g)
+        t = torch.from_numpy(stream)
+        self.items = [t[s : s + context] for s in starts.tolist()]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+def measure(rounds: int, steps: int, skip: int, cache_dir: str | None, contenders: dict | None = None,
+            config: dict | None = None) -> dict:
+    common.single_thread()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    import hf_metaoptimize
+
+    hf_metaoptimize.register()
+    transformers.logging.set_verbosity_error()
+    contenders = contenders or CONTENDERS
+    cfg = {**task_lm.DEFAULT_CONFIG, **(config or {})}
+    toks = data.lm_tokens(cfg["vocab_size"], cache_dir)
+    torch.manual_seed(0)
+    model0 = task_lm.build_model(cfg, toks["vocab_size"], toks["eos"])
+    ds = _Windows(toks["train"], cfg["context"], steps * cfg["batch_size"], seed=0)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    opt_times: dict[str, list[float]] = {k: [] for k in contenders}
+    round_medians: dict[str, list[float]] = {k: [] for k in contenders}
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.dts: list[float] = []
+            self.opt_dts: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.t_opt = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            self.opt_dts.append(time.perf_counter() - self.t_opt)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.dts.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_step_") as out:
+        for _ in range(rounds):
+            for name, kw in contenders.items():
+                timer = Timer()
+                args = TrainingArguments(
+                    output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
+                    learning_rate=1e-3, weight_decay=cfg["weight_decay"], max_grad_norm=cfg["clip"],
+                    logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                    dataloader_num_workers=0, seed=0, **kw,
+                )
+                trainer = Trainer(model=copy.deepcopy(model0), args=args, train_dataset=ds, callbacks=[timer])
+                trainer.remove_callback(PrinterCallback)
+                trainer.train()
+                kept = timer.dts[skip:]
+                times[name].extend(kept)
+                opt_times[name].extend(timer.opt_dts[skip:])
+                round_medians[name].append(statistics.median(kept))
+    base = statistics.median(times["adamw_torch"])
+    rows = []
+    for name in contenders:
+        med = statistics.median(times[name])
+        rows.append({"optimizer": name, "median_ms": 1e3 * med, "ratio": med / base,
+                     "optimizer_step_ms": 1e3 * statistics.median(opt_times[name]),
+                     "round_ratios": [m / b for m, b in zip(round_medians[name], round_medians["adamw_torch"])],
+                     "steps_timed": len(times[name])})
+    return {
+        "benchmark": "trainer_step", "model": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "context",
+                                                                  "batch_size", "vocab_size")},
+        "parameters": sum(p.numel() for p in model0.parameters()), "rounds": rounds, "steps_per_chunk": steps,
+        "skip": skip, "rows": rows, "versions": common.versions(), "machine": common.machine(),
+        "data_sha256": toks["sha256"], "finished": common.now(),
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"Trainer step on the Shakespeare GPT-2 ({result['parameters'] / 1e3:.0f}k weights), "
+          f"{result['rounds']} interleaved rounds x {result['steps_per_chunk']} steps, 1 thread")
+    print(f"{'optimizer':<24}{'median ms':>10}{'x adamw_torch':>15}{'optimizer.step ms':>19}")
+    for r in result["rows"]:
+        print(f"{r['optimizer']:<24}{r['median_ms']:>10.1f}{r['ratio']:>15.3f}{r['optimizer_step_ms']:>19.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--skip", type=int, default=3)
+    ap.add_argument("--json", default="benchmarks/results/trainer_step.json")
+    ap.add_argument("--cache_dir", default="benchmarks/results/cache")
+    ap.add_argument("--quick", action="store_true", help="the tiny model of the quick suite (smoke test)")
+    a = ap.parse_args()
+    config = None
+    if a.quick:
+        from .suites import TASKS
+
+        config = TASKS["quick"]["shakespeare"]["config"]
+    result = measure(a.rounds, a.steps, a.skip, a.cache_dir, config=config)
+    print_table(result)
+    common.write_json(a.json, result)
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
