@@ -19,7 +19,7 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -154,8 +154,7 @@ class StepSizeTracer:
     def __init__(self, opt: torch.optim.Optimizer, names: dict[int, str]):
         self.opt = opt
         self.labels: list[list[str | None]] = []
-        inner = opt
-        self.is_mo = isinstance(inner, MetaOptimize)
+        self.is_mo = isinstance(opt, MetaOptimize)
         if self.is_mo:
             granularity = opt.param_groups[0]["granularity"]
             seen: set[str] = set()
@@ -323,5 +322,3 @@ def single_thread() -> None:
     except RuntimeError:
         pass
 
-
-Callback = Callable[..., None]

@@ -465,7 +465,8 @@ def _invocations(run_log: dict) -> str:
     inv = run_log.get("invocations", [])
     if len(inv) <= 1:
         return ""
-    parts = " + ".join(f"{i['total_s'] / 60:.0f} min ({i.get('runs_executed', '?')} runs)" for i in inv)
+    parts = " + ".join(f"{i['total_s'] / 60:.0f} min ({i.get('runs_executed', '?')} runs"
+                       + (f"; {i['note']}" if i.get("note") else "") + ")" for i in inv)
     return f"; resumed, {len(inv)} invocations: {parts}"
 
 
@@ -750,8 +751,7 @@ def build_select(recs: list[dict], out: Path, docs: Path) -> dict[str, Any]:
              "best": common.clean_float(r["best"]), "worst_in_window": common.clean_float(r["worst_in_window"])}
             for r in rows] for t, rows in data.items()}}
     common.write_json(out / "summary.json", summary)
-    text = "\n".join("\n".join(md_lines for md_lines in md if md_lines.startswith("|")) for _ in [0])
-    summary["text"] = text
+    summary["text"] = "\n".join(line for line in md if line.startswith(("#", "|")))
     return summary
 
 
