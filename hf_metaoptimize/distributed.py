@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["local_tensor", "shard_group", "reduce_partial_sums"]
+__all__ = ["local_tensor", "any_dtensor", "shard_group", "reduce_partial_sums"]
 
 
 def _dtensor_type() -> type | None:
@@ -27,12 +27,23 @@ def _dtensor_type() -> type | None:
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """The rank-local shard of a DTensor (a view sharing storage), the tensor itself otherwise."""
+    if type(t) in _PLAIN:  # the common case, without a module lookup
+        return t
     dt = _dtensor_type()
     if dt is not None and isinstance(t, dt):
         return t.to_local()
     return t
+
+
+def any_dtensor(tensors: list[Tensor]) -> bool:
+    """Whether any of `tensors` is a DTensor (then the elementwise math must run on local shards)."""
+    dt = _dtensor_type()
+    return dt is not None and any(isinstance(t, dt) for t in tensors)
 
 
 def shard_group(p: Tensor) -> Any | None:

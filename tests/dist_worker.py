@@ -45,9 +45,12 @@ def batches(steps: int, n: int = 16):
         yield x, y
 
 
+FUSED = False  # --fused: MetaOptimize(fused=True), on every rank and in the reference
+
+
 def make_opt(model, granularity):
     return MetaOptimize(param_groups(model, granularity), lr=3e-3, granularity=granularity, meta_lr=3e-2,
-                        gamma=0.99)
+                        gamma=0.99, fused=FUSED)
 
 
 BF16 = False  # --bf16: forward under torch.autocast(bfloat16), on every rank and in the reference
@@ -77,9 +80,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", required=True)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--fused", action="store_true")
     args = ap.parse_args()
-    global BF16
-    BF16 = args.bf16
+    global BF16, FUSED
+    BF16, FUSED = args.bf16, args.fused
     # bf16 matmuls round differently for a half batch: Adam-normalised steps then differ by ~1 step size
     tol = dict(rtol=2e-2, atol=1e-2) if BF16 else dict(rtol=1e-4, atol=1e-6)
     torch.set_num_threads(1)

@@ -17,6 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import dist_worker  # noqa: E402
 from dist_worker import batches, build_model, make_opt  # noqa: E402
 
 from hf_metaoptimize.integrations.deepspeed import attach  # noqa: E402
@@ -66,7 +67,9 @@ def main() -> int:
     ap.add_argument("--granularity", default="scalar")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--fused", action="store_true")
     args = ap.parse_args()
+    dist_worker.FUSED = args.fused  # make_opt reads it
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist

@@ -14,15 +14,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import TORCHRUN, free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("ds_worker.py")
-CASES = [(1, "tensor")] + [(s, g) for s in (1, 2, 3) for g in ("scalar", "block", "element")]
+CASES = [(1, "tensor", False)] + [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "element")]
+CASES += [(2, "block", True)]  # fused=True on flat partitions
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,granularity", CASES)
-def test_zero_two_ranks_match_one_process_and_resume(stage, granularity, tmp_path):
+@pytest.mark.parametrize("stage,granularity,fused", CASES)
+def test_zero_two_ranks_match_one_process_and_resume(stage, granularity, fused, tmp_path):
     pytest.importorskip("deepspeed")
     cmd = ["timeout", "280", *TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), "--stage", str(stage), "--granularity", granularity, "--out", str(tmp_path)]
+    cmd += ["--fused"] if fused else []
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=320)
     reports = sorted(tmp_path.glob("rank*.json"))

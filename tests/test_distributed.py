@@ -21,16 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CASES = [(b, g, False) for b in ("ddp", "fsdp2") for g in ("scalar", "block", "tensor", "element")]
-CASES += [("ddp", "block", True), ("fsdp2", "block", True)]  # bf16 autocast
+CASES = [(b, g, False, False) for b in ("ddp", "fsdp2") for g in ("scalar", "block", "tensor", "element")]
+CASES += [("ddp", "block", True, False), ("fsdp2", "block", True, False)]  # bf16 autocast
+CASES += [("fsdp2", "element", False, True)]  # fused=True on DTensor shards
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,granularity,bf16", CASES)
-def test_two_ranks_match_one_process(backend, granularity, bf16, tmp_path):
+@pytest.mark.parametrize("backend,granularity,bf16,fused", CASES)
+def test_two_ranks_match_one_process(backend, granularity, bf16, fused, tmp_path):
     cmd = ["timeout", "240", *TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), "--backend", backend, "--granularity", granularity, "--out", str(tmp_path)]
     cmd += ["--bf16"] if bf16 else []
+    cmd += ["--fused"] if fused else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     reports = sorted(tmp_path.glob("rank*.json"))

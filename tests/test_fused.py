@@ -1,0 +1,176 @@
+"""fused=True (one torch.compile'd kernel per tensor) against the float64 reference and the foreach path.
+
+Compiling costs seconds per kernel on this machine, so the table is chosen by kernel: every base at
+scalar / block / tensor granularity (one kernel per base: the meta rule of those runs outside the kernel,
+in the foreach code the main table tests), every base x meta at element granularity (the meta step is in
+the kernel), and the variants that exercise the kernel's special paths (weight decay with gamma < 1,
+non-finite steps, missing and late grads, no guard, per-group hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import pytest
+import torch
+
+from optim_cases import CASES, CORE_CASES, run_pair
+from test_fast_vs_reference import assert_params_close, assert_state_close, assert_step_sizes_close
+
+from hf_metaoptimize import MetaOptimize
+
+pytestmark = pytest.mark.slow
+
+FUSED = functools.partial(MetaOptimize, fused=True)
+TABLE = [c for c in CORE_CASES if c.kwargs["granularity"] == "element" or c.kwargs["meta"] == "lion"]
+TABLE += [c for c in CASES if c.name in (
+    "adamw-wd-gamma099-element", "lion-wd-gamma099-block", "sgd-wd-gamma099-scalar", "rmsprop-nonfinite-tensor",
+    "rmsprop-nonfinite-element", "adamw-lion-grad-none-element", "lion-adam-grad-none-block",
+    "adamw-per-group-block", "adamw-skip-nonfinite-off")]
+
+
+def test_table_is_what_it_says():
+    assert len(TABLE) == 20 + 9
+
+
+@pytest.mark.parametrize("case", TABLE, ids=lambda c: c.name)
+def test_fused_matches_reference_float64(case):
+    pair = run_pair(case, steps=40, dtype=torch.float64, fast_cls=FUSED)
+    assert_params_close(pair, rtol=1e-9, atol=1e-12)
+    assert_state_close(pair, rtol=1e-9, atol=1e-12)
+    assert_step_sizes_close(pair, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in CORE_CASES if c.name in ("adamw-lion-element", "lion-lion-scalar")],
+                         ids=lambda c: c.name)
+def test_fused_matches_foreach_float32(case):
+    fused = run_pair(case, steps=40, dtype=torch.float32, fast_cls=FUSED)
+    plain = run_pair(case, steps=40, dtype=torch.float32)
+    for name, p in fused.fast_params.items():
+        torch.testing.assert_close(p, plain.fast_params[name], rtol=1e-5, atol=1e-6)
+        for key, value in fused.fast.state[p].items():
+            torch.testing.assert_close(value, plain.fast.state[plain.fast_params[name]][key], rtol=1e-4, atol=1e-5)
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+
+
+def _train(model, opt, steps, seed=1, bad_at=()):
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        x = torch.randn(16, 6, generator=gen).to(next(model.parameters()).dtype)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if t in bad_at:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        opt.step()
+
+
+@pytest.mark.parametrize("granularity", ["scalar", "element"])
+def test_fused_nonfinite_step_changes_nothing(granularity):
+    model = _model()
+    opt = MetaOptimize(model.parameters(), lr=1e-2, granularity=granularity, weight_decay=0.1, gamma=0.99,
+                       meta_lr=1e-2, fused=True)
+    _train(model, opt, 5)
+    before_p = [p.detach().clone() for p in model.parameters()]
+    before_s = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    _train(model, opt, 1, seed=2, bad_at=(0,))
+    for p, b, s in zip(model.parameters(), before_p, before_s):
+        assert torch.equal(p, b)
+        for k, v in opt.state[p].items():
+            if k == "nonfinite_steps":
+                assert v.item() == s[k].item() + 1
+            else:
+                assert torch.equal(v, s[k]), k
+
+
+def test_fused_lr_zero_moves_nothing():
+    model = _model()
+    opt = MetaOptimize(model.parameters(), lr=0.0, weight_decay=0.5, fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, 3)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+def test_fused_resume_is_bit_identical(granularity):
+    kw = dict(lr=1e-2, granularity=granularity, meta="adam", weight_decay=0.1, meta_lr=1e-2, fused=True)
+    straight = _model()
+    opt = MetaOptimize(straight.parameters(), **kw)
+    _train(straight, opt, 20)
+
+    first = _model()
+    opt1 = MetaOptimize(first.parameters(), **kw)
+    _train(first, opt1, 10)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    second = _model(seed=5)
+    second.load_state_dict(ckpt["model"])
+    opt2 = MetaOptimize(second.parameters(), **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    # the data stream of steps 10..19 of the straight run
+    gen = torch.Generator().manual_seed(1)
+    for t in range(20):
+        x = torch.randn(16, 6, generator=gen)
+        if t < 10:
+            continue
+        loss = second(x).pow(2).mean()
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+    for a, b in zip(straight.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.parameters(), second.parameters()):
+        for k, v in opt.state[a].items():
+            assert torch.equal(v, opt2.state[b][k]), k
+
+
+def test_fused_bf16_params_keep_float32_state():
+    model = _model(torch.bfloat16)
+    ref = _model(torch.bfloat16)
+    opt = MetaOptimize(model.parameters(), lr=1e-2, granularity="element", meta_lr=1e-2, fused=True)
+    ref_opt = MetaOptimize(ref.parameters(), lr=1e-2, granularity="element", meta_lr=1e-2)
+    _train(model, opt, 10)
+    _train(ref, ref_opt, 10)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        st = opt.state[p]
+        assert p.dtype == torch.bfloat16 and st["exp_avg"].dtype == torch.bfloat16
+        assert st["trace"].dtype == st["log_step"].dtype == st["meta_exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(p.float(), q.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(st["log_step"], ref_opt.state[q]["log_step"], rtol=0, atol=0.1)
+
+
+def test_fused_non_contiguous_param_matches_foreach():
+    def make():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, 7).t())  # a transposed (non-contiguous) param
+        assert not w.is_contiguous()
+        return w
+
+    runs = []
+    for fused in (True, False):
+        w = make()
+        opt = MetaOptimize([w], lr=1e-2, granularity="element", meta_lr=1e-2, weight_decay=0.1, fused=fused)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(8):
+            w.grad = torch.randn(5, 7, generator=gen).t()
+            opt.step()
+        runs.append((w, opt.state[w]))
+    (a, sa), (b, sb) = runs
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_errors_name_the_fix():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="invalid fused='yes'"):
+        MetaOptimize(p, fused="yes")
+    with pytest.raises(ValueError, match="fused=True and foreach=False"):
+        MetaOptimize(p, fused=True, foreach=False)
