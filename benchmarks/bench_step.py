@@ -56,6 +56,13 @@ def main() -> None:
         "mo_tensor": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="tensor"),
         "mo_element": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element"),
         "mo_scalar_noskip": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, skip_nonfinite=False),
+        # fused=True: one torch.compile'd kernel per tensor (compiled during the warm-up steps)
+        "mo_scalar_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="scalar", fused=True),
+        "mo_tensor_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="tensor", fused=True),
+        "mo_element_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element",
+                                                    fused=True),
+        # for reference: torch's own fused AdamW (not the baseline of the ratios)
+        "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
     }
     setups = {}
     for name, make in contenders.items():

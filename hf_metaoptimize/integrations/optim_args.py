@@ -117,6 +117,8 @@ OPTIM_ARGS: dict[str, OptimArg] = {
                  lambda v: v >= 0, ">= 0"),
         OptimArg("skip_nonfinite", _as_bool, "skip a step whose gradient or meta-gradient is not finite", True),
         OptimArg("foreach", _as_bool, "use the multi-tensor (foreach) kernels (default: auto)", None),
+        OptimArg("fused", _as_bool, "one torch.compile'd kernel per tensor: faster on large models, compiles "
+                 "for seconds at the first step (default: false)", False),
     )
 }
 
@@ -278,4 +280,6 @@ def optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> dict[s
         kwargs["meta_eps"] = spec["meta_eps"]
     if spec["foreach"] is not None:
         kwargs["foreach"] = spec["foreach"]
+    if spec["fused"]:
+        kwargs["fused"] = True
     return kwargs

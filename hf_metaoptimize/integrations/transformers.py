@@ -96,6 +96,7 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
     metaoptimize_log_step_min: float = field(default=-14.0, metadata={"help": _help("log_step_min")})
     metaoptimize_log_step_max: float = field(default=14.0, metadata={"help": _help("log_step_max")})
     metaoptimize_skip_nonfinite: bool = field(default=True, metadata={"help": _help("skip_nonfinite")})
+    metaoptimize_fused: bool = field(default=False, metadata={"help": _help("fused")})
     metaoptimize_plot: bool = field(
         default=True,
         metadata={"help": "MetaOptimizeTrainer writes OUTPUT_DIR/step_sizes.png at the end of training."},
