@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default="benchmarks/results/step.json")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fused=True rows (they compile first)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,6 +65,8 @@ def main() -> None:
         # for reference: torch's own fused AdamW (not the baseline of the ratios)
         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
     }
+    if args.no_fused:
+        contenders = {k: v for k, v in contenders.items() if "fused" not in k}
     setups = {}
     for name, make in contenders.items():
         params = [torch.randn(s, requires_grad=True) for s in shapes]

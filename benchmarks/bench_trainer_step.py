@@ -85,8 +85,10 @@ def measure(rounds: int, steps: int, skip: int, cache_dir: str | None, contender
             self.dts.append(time.perf_counter() - self.t)
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_step_") as out:
-        for _ in range(rounds):
-            for name, kw in contenders.items():
+        items = list(contenders.items())
+        for r in range(rounds):
+            # rotate who goes first: a fixed order would hand the first slot's warm-up cost to one contender
+            for name, kw in items[r % len(items):] + items[:r % len(items)]:
                 timer = Timer()
                 args = TrainingArguments(
                     output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"],

@@ -391,7 +391,8 @@ def plot_step_sizes(task: str, ts: dict, path: Path) -> bool:
 # overhead
 # ---------------------------------------------------------------------------------------------------------
 
-STEP_GOALS = {"mo_scalar": 1.35, "mo_tensor": 1.35, "mo_element": 2.0}
+STEP_GOALS = {"mo_scalar": 1.35, "mo_tensor": 1.35, "mo_element": 2.0,
+              "mo_scalar_fused": 1.35, "mo_tensor_fused": 1.35, "mo_element_fused": 2.0}
 
 
 def overhead_section(out: Path) -> tuple[str, dict]:

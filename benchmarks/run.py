@@ -31,7 +31,7 @@ COST = {"lora": 3, "shakespeare": 2, "digits": 1}  # longest first, so parallel 
 OVERHEAD = {
     "full": {"step": ["--weights", "10e6", "--rounds", "30", "--warmup", "3"],
              "trainer": {"rounds": 6, "steps": 25, "skip": 3}},
-    "quick": {"step": ["--weights", "2e5", "--rounds", "3", "--warmup", "1"],
+    "quick": {"step": ["--weights", "2e5", "--rounds", "3", "--warmup", "1", "--no-fused"],
               "trainer": {"rounds": 1, "steps": 4, "skip": 1}},
 }
 

@@ -160,6 +160,9 @@ def test_optim_args_cast_and_kwargs_mapping():
     assert rms["betas"] == (0.99,) and rms["eps"] == 1e-8
     layer = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "granularity=layer"))
     assert layer["granularity"] == "block"
+    assert "fused" not in layer
+    fused = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "fused=true"))
+    assert fused["fused"] is True
 
 
 @pytest.mark.parametrize("optim_args", ["", "base=lion", "base=sgd", "base=rmsprop,meta=adam", "granularity=element"])
@@ -190,6 +193,8 @@ def test_metaoptimize_training_arguments_typed_flags():
     parse(MetaOptimizeTrainingArguments, "--metaoptimize_meta_lr", "0.01", "--optim_args", "meta_lr=0.01")
     with pytest.raises(OptimArgsError, match="meta_lr is set twice"):
         parse(MetaOptimizeTrainingArguments, "--metaoptimize_meta_lr", "0.01", "--optim_args", "meta_lr=0.02")
+    assert optimizer_kwargs(parse(MetaOptimizeTrainingArguments, "--metaoptimize_fused", "true"))["fused"] is True
+    assert optimizer_kwargs(parse(MetaOptimizeTrainingArguments, "--optim_args", "fused=true"))["fused"] is True
     direct = MetaOptimizeTrainingArguments("x", metaoptimize_base="lion")
     assert direct.lr_scheduler_type == "constant" and direct.adam_beta2 == 0.99
 
