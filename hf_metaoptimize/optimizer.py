@@ -291,10 +291,22 @@ class MetaOptimize(Optimizer):
         reports its block's current value (or ``lr``). Under DeepSpeed ZeRO the entries are the rank's flat
         partitions of each group. No host synchronisation.
         """
+        return self._step_sizes(relative=False)
+
+    @torch.no_grad()
+    def step_size_multipliers(self) -> list[list[Tensor]]:
+        """The learned part alone, ``exp(log_step)`` (1.0 at the start), laid out like :meth:`step_sizes`.
+
+        Unlike ``step_sizes()`` it does not scale with ``lr``, so it still shows what was learned where a
+        scheduler has driven ``lr`` to 0. No host synchronisation.
+        """
+        return self._step_sizes(relative=True)
+
+    def _step_sizes(self, relative: bool) -> list[list[Tensor]]:
         donors = self._block_donors()
         out: list[list[Tensor]] = []
         for gi, group, params in self._group_params():
-            lr, gran = group["lr"], group["granularity"]
+            lr, gran = (1.0 if relative else group["lr"]), group["granularity"]
             row = []
             for p in params:
                 st = self.state.get(p)

@@ -298,6 +298,21 @@ def test_scheduler_multiplies_learned_step_size():
     torch.testing.assert_close(opt.step_sizes()[0][0], (0.5e-2 * torch.exp(ls)).float())
 
 
+@pytest.mark.parametrize("gran", ["scalar", "element"])
+def test_step_size_multipliers_are_the_learned_part(gran):
+    params = make_params()
+    opt = MetaOptimize(params, lr=1e-2, meta_lr=1e-2, granularity=gran)
+    run(opt, params, 10)
+    for row, mrow, p in zip(opt.step_sizes(), opt.step_size_multipliers(), params):
+        for s, m in zip(row, mrow):
+            assert m.dtype == torch.float32 and m.shape == s.shape
+            torch.testing.assert_close(s, 1e-2 * m)
+    assert opt.step_size_multipliers()[0][0].ne(1.0).all()  # it learned something
+    opt.param_groups[0]["lr"] = 0.0  # the end of a linear schedule: sizes are 0, the learned part is not
+    assert all(s.eq(0).all() for row in opt.step_sizes() for s in row)
+    assert all(m.gt(0).all() for row in opt.step_size_multipliers() for m in row)
+
+
 def test_foreach_false_matches_foreach():
     a, b = make_params(), make_params()
     oa = MetaOptimize(a, lr=1e-2, granularity="tensor", weight_decay=0.1, foreach=True)

@@ -49,20 +49,9 @@ def _param_names(trainer: Any, optimizer: Any) -> dict[int, str]:
 
 
 def _multipliers(optimizer: Any) -> list[list[torch.Tensor]]:
-    """exp(log_step) per group, per param, on the device, no host sync: `step_sizes()` evaluated at lr = 1.
-
-    `step_sizes()` is the optimizer's contract for reading step sizes (it handles blocks whose members have no
-    state yet and DeepSpeed partitions); evaluating it with every group's lr set to 1 for the duration of the
-    call gives the learned multipliers even where the scheduler's lr is 0 (the end of a linear schedule).
-    """
-    saved = [group["lr"] for group in optimizer.param_groups]
-    try:
-        for group in optimizer.param_groups:
-            group["lr"] = 1.0
-        return [[t.detach().float() for t in row] for row in optimizer.step_sizes()]
-    finally:
-        for group, lr in zip(optimizer.param_groups, saved):
-            group["lr"] = lr
+    """exp(log_step) per group, per param, on the device, no host sync (`MetaOptimize.step_size_multipliers`):
+    the learned multipliers, also where the scheduler's lr is 0 (the end of a linear schedule)."""
+    return [[t.detach().float() for t in row] for row in optimizer.step_size_multipliers()]
 
 
 def _group_lrs(optimizer: Any, learning_rate: float | None) -> list[float]:
