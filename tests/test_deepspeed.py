@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import TORCHRUN, free_port  # noqa: E402
+from _proc import TORCHRUN, free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 CASES = [(1, "tensor", False)] + [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "element")]

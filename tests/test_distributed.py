@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _proc import TORCHRUN, free_port
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = [(b, g, False, False) for b in ("ddp", "fsdp2") for g in ("scalar", "block", "tensor", "element")]

@@ -4,31 +4,24 @@ ZeRO partitions (unattached partitioned stepping raises) and the per-layer step 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "scripts"
+from _proc import BIN, ENV, ROOT, SCRIPTS, free_port, run
 
 
 @pytest.mark.slow
 def test_trainer_deepspeed_zero2_one_cpu_rank(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        ["timeout", "400", str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1",
-         "--master_port", "29641", "-m", "hf_metaoptimize.launch", str(SCRIPTS / "tiny_clm.py"),
-         "--output_dir", str(out), "--optim", "metaoptimize", "--optim_args", "granularity=layer,meta_lr=0.05",
-         "--deepspeed", str(ROOT / "examples" / "configs" / "ds_zero2.json"), "--max_steps", "4",
+    proc = run(
+        [BIN / "torchrun", "--nproc_per_node", "1", "--master_port", free_port(), "-m", "hf_metaoptimize.launch",
+         SCRIPTS / "tiny_clm.py", "--output_dir", out, "--optim", "metaoptimize",
+         "--optim_args", "granularity=layer,meta_lr=0.05",
+         "--deepspeed", ROOT / "examples" / "configs" / "ds_zero2.json", "--max_steps", "4",
          "--logging_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
          "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"],
-        capture_output=True, text=True, env=env,
+        timeout=400, env={**ENV, "DS_ACCELERATOR": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]

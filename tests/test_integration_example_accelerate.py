@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
-
-
-def run(args, timeout=240):
-    return subprocess.run(["timeout", str(timeout), sys.executable, *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT)
+from _proc import ENV, TORCHRUN, free_port
+from _proc import run as run_cmd
+from _proc import run_python as run
 
 
 def test_accelerate_loop_quick(tmp_path):
@@ -36,10 +26,8 @@ def test_accelerate_loop_two_processes_match_one(tmp_path):
     proc = run(["examples/accelerate_loop.py", *common, "--batch_size", "32", "--report", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "examples/accelerate_loop.py", *common,
-                           "--batch_size", "16", "--report", str(two)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = run_cmd([*TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "examples/accelerate_loop.py",
+                    *common, "--batch_size", "16", "--report", two], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["processes"], b["processes"]) == (1, 2)
@@ -47,11 +35,3 @@ def test_accelerate_loop_two_processes_match_one(tmp_path):
         torch.testing.assert_close(torch.tensor(y), torch.tensor(x), rtol=1e-5, atol=0)
     for x, y in zip(a["weights"], b["weights"]):
         torch.testing.assert_close(torch.tensor(y), torch.tensor(x), rtol=1e-4, atol=1e-6)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -4,19 +4,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
-
-
-def run(args, timeout=240):
-    return subprocess.run(["timeout", str(timeout), sys.executable, *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT)
+from _proc import run_python as run
 
 
 def test_lora_minilm_quick(tmp_path):

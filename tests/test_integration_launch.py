@@ -4,22 +4,11 @@ same for processes the launcher did not start; bad --optim_args stop the run bef
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-SCRIPTS = HERE / "scripts"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
-
-
-def run(args, cwd=None, timeout=240, env=None):
-    return subprocess.run(["timeout", str(timeout), *args], cwd=cwd, capture_output=True, text=True,
-                          env=env or ENV)
+from _proc import SCRIPTS, run
 
 
 def test_unmodified_module_through_the_launcher_logs_step_sizes(tmp_path):

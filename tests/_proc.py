@@ -1,0 +1,55 @@
+"""Shared helpers for tests that start processes: offline environment, free ports, launch commands, and the
+quick Trainer run of tests/scripts/tiny_clm.py whose step-size logs several launcher tests check.
+
+No torch import here: tests that only launch subprocesses stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "scripts"
+BIN = Path(sys.executable).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# offline, and one thread per process: the 2-core CI machine is not oversubscribed and runs are reproducible
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+# tests/scripts/tiny_clm.py for 4 steps with --optim metaoptimize_lion, logging step sizes every 2 steps
+TINY_CLM_TRAIN = ["--optim", "metaoptimize_lion", "--optim_args", "granularity=tensor", "--max_steps", "4",
+                  "--logging_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                  "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for --master_port; never a fixed number that another run holds)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 240, env: dict[str, str] | None = None,
+        cwd: Path | None = ROOT) -> subprocess.CompletedProcess:
+    """Run `cmd` under `timeout` (the process is killed, not just abandoned), capturing text output."""
+    return subprocess.run(["timeout", str(timeout), *map(str, cmd)], capture_output=True, text=True,
+                          env=env or ENV, cwd=cwd, timeout=timeout + 60)
+
+
+def run_python(args: list[str], timeout: int = 240, env: dict[str, str] | None = None,
+               cwd: Path | None = ROOT) -> subprocess.CompletedProcess:
+    """`python ARGS...` with this interpreter."""
+    return run([sys.executable, *args], timeout=timeout, env=env, cwd=cwd)
+
+
+def tiny_clm_step_size_logs(out: Path) -> list[dict]:
+    """The loss entries of a TINY_CLM_TRAIN run's trainer_state.json; asserts that each carries step sizes."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logs = [e for e in history if "loss" in e]
+    assert len(logs) == 2 and all("step_size/transformer.h.0" in e for e in logs)
+    return logs
