@@ -867,18 +867,16 @@ def _base_bucket_step(
                 torch.sqrt(v, out=u)
         else:
             U = torch._foreach_sqrt(V)  # the step's one temporary list
-        torch._foreach_div_(U, list(bc2_sqrt.unbind(0)))
-        torch._foreach_add_(U, eps)
-        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v_hat) + eps)
-        if base == "rmsprop":
+        # m_hat / (sqrt(v_hat) + eps) = (m / (sqrt(v) + eps * b)) * b / bc1 with b = sqrt(1 - lam^t): the
+        # bias correction of v moves into the per-tensor scale, saving a pass over every weight
+        torch._foreach_add_(U, list((eps * bc2_sqrt).unbind(0)))
+        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v) + eps * b)
+        scale = bc2_sqrt if base == "rmsprop" else bc2_sqrt / (1 - torch.pow(betas[0], t)).to(wide)
+        if group["granularity"] == "element":
             torch._foreach_mul_(U, A)
-        else:  # m_hat = m / (1 - rho^t)
-            bc1 = (1 - torch.pow(betas[0], t)).to(wide)
-            if group["granularity"] == "element":
-                torch._foreach_mul_(U, A)
-                torch._foreach_div_(U, list(bc1.unbind(0)))
-            else:
-                torch._foreach_mul_(U, list((Avec / bc1).unbind(0)))
+            torch._foreach_mul_(U, list(scale.unbind(0)))
+        else:
+            torch._foreach_mul_(U, list((Avec * scale).unbind(0)))
     elif base == "sgd":
         torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
         U = torch._foreach_mul(M, A)
@@ -898,10 +896,14 @@ def _base_bucket_step(
     if kappa != 0:
         torch._foreach_mul_(A, gamma * kappa)
         torch._foreach_add_(A, c0)
-        torch._foreach_mul_(H, A)
+        disc = A
     else:
-        torch._foreach_mul_(H, c0)
-    torch._foreach_add_(H, U)  # h <- disc * h + dw
+        disc = None if gamma == 1.0 else [c0] * len(H)  # gamma = 1, no decay: the discount is exactly 1
+    if disc is None:
+        torch._foreach_add_(H, U)
+    else:
+        for h, u, d in zip(H, U, disc):
+            torch.addcmul(u, h, d, out=h)  # h <- disc * h + dw in one pass
     torch._foreach_add_(P, U)  # w <- w + dw
 
     if low:
