@@ -137,6 +137,26 @@ def test_nonfinite_step_changes_nothing(base, meta, gran, bad):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("gran", ["scalar", "element"])
+def test_nonfinite_step_changes_nothing_bf16(base, gran):
+    # low-precision grads go through a float32 copy that is sanitised in place (the other code path)
+    params = make_params(torch.bfloat16)
+    opt = MetaOptimize(params, lr=1e-2, base=base, granularity=gran, weight_decay=0.1, gamma=0.99)
+    gen = run(opt, params, 3)
+    w, st = snapshot(opt, params)
+    feed(params, gen)
+    params[0].grad[2, 1] = float("inf")
+    params[3].grad[0] = float("nan")
+    opt.step()
+    w2, st2 = snapshot(opt, params)
+    assert all(torch.equal(a, b) for a, b in zip(w, w2))
+    for i in st:
+        for k in st[i]:
+            if k != "nonfinite_steps":
+                assert torch.equal(st[i][k], st2[i][k]), (i, k)
+
+
 def test_nonfinite_first_step_leaves_no_trace():
     params = make_params()
     opt = MetaOptimize(params, lr=1e-2)
