@@ -4,7 +4,9 @@ Same ~10M weights in transformer-like shapes for every optimizer, A/B interleave
 step of every contender in turn, so drift on a noisy machine hits all of them alike), medians reported.
 Prints a table and writes JSON.
 
-    python benchmarks/bench_step.py [--weights 10e6] [--rounds 30] [--json benchmarks/results/step.json]
+    python benchmarks/bench_step.py [--weights 10e6] [--rounds 30] [--device cpu] [--json benchmarks/results/step.json]
+
+On a GPU (``--device cuda``) every step is followed by ``torch.cuda.synchronize()`` inside the timed region.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--json", default="benchmarks/results/step.json")
     ap.add_argument("--no-fused", action="store_true", help="skip the fused=True rows (they compile first)")
     args = ap.parse_args()
@@ -49,6 +52,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = transformer_shapes(args.weights)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n = sum(torch.Size(s).numel() for s in shapes)
 
     contenders = {
@@ -69,15 +74,17 @@ def main() -> None:
         contenders = {k: v for k, v in contenders.items() if "fused" not in k}
     setups = {}
     for name, make in contenders.items():
-        params = [torch.randn(s, requires_grad=True) for s in shapes]
+        params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-2
         setups[name] = (params, make(params))
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(args.warmup + args.rounds):
         for name, (params, opt) in setups.items():
+            sync()
             t0 = time.perf_counter()
             opt.step()
+            sync()
             dt = time.perf_counter() - t0
             if r >= args.warmup:
                 times[name].append(dt)
@@ -85,7 +92,7 @@ def main() -> None:
     base_b = state_bytes(setups["adamw_foreach"][1])
     rows = []
     print(f"{n / 1e6:.1f}M weights in {len(shapes)} tensors, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {args.rounds} interleaved rounds")
+          f"torch {torch.__version__}, {device}, {args.rounds} interleaved rounds")
     print(f"{'optimizer':<18}{'median ms':>10}{'x AdamW':>9}{'state MB':>10}{'extra B/weight':>15}")
     for name in contenders:
         med = statistics.median(times[name])
@@ -94,7 +101,9 @@ def main() -> None:
                    extra_bytes_per_weight=(sb - base_b) / n)
         rows.append(row)
         print(f"{name:<18}{med * 1e3:>10.2f}{med / base_t:>9.2f}{sb / 1e6:>10.1f}{(sb - base_b) / n:>15.3f}")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     out = dict(weights=n, tensors=len(shapes), threads=torch.get_num_threads(), torch=torch.__version__,
+               device=str(device), card=card,
                machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(), rows=rows)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:

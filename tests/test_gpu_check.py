@@ -1,0 +1,28 @@
+"""benchmarks/gpu_check.py is run once by a session that is lent a GPU; its CPU dry run keeps it from rotting."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from _proc import ROOT, run
+
+
+@pytest.mark.slow
+def test_overflow_check_dry_run_on_cpu(tmp_path):
+    proc = run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", "overflow", "--out", tmp_path],
+               timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())["overflow"]
+    # no scaler on CPU: MetaOptimize itself saw the inf step, counted it and changed nothing else
+    assert result["ok"] and result["changed"] == [] and result["nonfinite_steps_added"] == [1.0]
+
+
+def test_gpu_check_refuses_to_run_without_cuda_unless_dry(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run([sys.executable, "-m", "benchmarks.gpu_check", "--out", tmp_path], timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--cpu" in proc.stderr
