@@ -99,9 +99,10 @@ class MetaOptimize(Optimizer):
             is skipped: no parameter and no state tensor changes, and each participating parameter's
             ``state["nonfinite_steps"]`` is incremented. Done without a host sync: every update
             coefficient is multiplied by an on-device 0/1 flag and the math reads a zeroed copy of the
-            gradients (``p.grad`` is never written). For AdamW that copy doubles as the step's workspace, so
-            the cost is two elementwise passes over the gradients (``benchmarks/bench_step.py``,
-            ``mo_scalar`` vs ``mo_scalar_noskip``).
+            gradients (``p.grad`` is never written; ``nan_to_num`` then a multiply by the flag). For AdamW that
+            copy doubles as the step's workspace, so the cost is two elementwise passes over the gradients:
+            measured ~0.2x of an AdamW(foreach) step on 10M weights (``benchmarks/bench_step.py``,
+            ``mo_scalar`` vs ``mo_scalar_noskip``). ``False`` lets inf/NaN through into params and state.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path; ``False`` runs the
             same math one tensor at a time. Default: ``True``.
         fused (bool, default False): run the base step, the trace and (element granularity) the meta step as
@@ -117,8 +118,9 @@ class MetaOptimize(Optimizer):
     meta momentum) or three (Adam meta) more float32 buffers per weight. Compute: one dot product per
     parameter tensor per step and a handful of elementwise passes; ``step()`` never synchronises with the
     host (``step_sizes()`` neither). Measured on 10M weights, 1 CPU thread (``benchmarks/bench_step.py``):
-    1.4x the step time of ``torch.optim.AdamW(foreach=True)`` for scalar / tensor, 3.6x for element; with
-    ``fused=True`` 0.7x for scalar / tensor and 1.1x for element (torch's own ``AdamW(fused=True)``: 0.15x).
+    1.5-1.7x the step time of ``torch.optim.AdamW(foreach=True)`` for scalar / tensor, 3.4-3.5x for element;
+    with ``fused=True`` 0.8-1.0x for scalar / tensor and 1.0-1.2x for element (torch's own
+    ``AdamW(fused=True)``: 0.2-0.26x). Ranges: two runs on one noisy 2-core machine.
 
     State (per parameter, created on the first step in which it has a gradient): ``step``, the base
     moments (``exp_avg``, ``exp_avg_sq``, in the param dtype), ``trace``, ``log_step``,
