@@ -322,3 +322,28 @@ def single_thread() -> None:
     except RuntimeError:
         pass
 
+
+
+def cli_args(doc: str, lr: float, steps: int, extra: Iterable[tuple[str, dict[str, Any]]] = ()) -> tuple[Any, dict]:
+    """The command line every task module shares (one run, one seed): returns (namespace, run spec)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--optimizer", default="metaoptimize")
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--schedule", default="constant")
+    ap.add_argument("--base", default="adamw")
+    ap.add_argument("--granularity", default="scalar")
+    ap.add_argument("--meta", default="lion")
+    ap.add_argument("--meta_lr", type=float, default=1e-2)
+    ap.add_argument("--gamma", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--json", default=None)
+    for flag, kwargs in extra:
+        ap.add_argument(flag, **kwargs)
+    a = ap.parse_args()
+    spec: dict[str, Any] = {"optimizer": a.optimizer, "lr": a.lr, "schedule": a.schedule}
+    if a.optimizer == "metaoptimize":
+        spec.update(base=a.base, granularity=a.granularity, meta=a.meta, meta_lr=a.meta_lr, gamma=a.gamma)
+    return a, {"run_id": "cli", "contender": a.optimizer, "spec": spec, "seed": a.seed}

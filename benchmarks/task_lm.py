@@ -11,7 +11,6 @@ decay 0.1 on matrices (not biases / norms), the same for every contender.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from typing import Any
@@ -140,29 +139,13 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--optimizer", default="metaoptimize")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--schedule", default="constant")
-    ap.add_argument("--base", default="adamw")
-    ap.add_argument("--granularity", default="scalar")
-    ap.add_argument("--meta", default="lion")
-    ap.add_argument("--meta_lr", type=float, default=1e-2)
-    ap.add_argument("--gamma", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=DEFAULT_CONFIG["steps"])
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (ints/floats)")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    spec: dict[str, Any] = {"optimizer": a.optimizer, "lr": a.lr, "schedule": a.schedule}
-    if a.optimizer == "metaoptimize":
-        spec.update(base=a.base, granularity=a.granularity, meta=a.meta, meta_lr=a.meta_lr, gamma=a.gamma)
+    a, run_spec = common.cli_args(__doc__, lr=1e-4, steps=DEFAULT_CONFIG["steps"], extra=[
+        ("--set", {"nargs": "*", "default": [], "help": "config overrides key=value (ints/floats)"})])
     cfg: dict[str, Any] = {"steps": a.steps}
     for kv in a.set:
         k, v = kv.split("=")
         cfg[k] = float(v) if "." in v or "e" in v else int(v)
-    rec = run({"run_id": "cli", "contender": a.optimizer, "spec": spec, "seed": a.seed}, cfg,
-              cache_dir="benchmarks/results/cache")
+    rec = run(run_spec, cfg, cache_dir="benchmarks/results/cache")
     print(f"{'step':>6}{'val loss':>10}  step sizes")
     for i, s in enumerate(rec["eval"]["step"]):
         sizes = {k: v[i] for k, v in list(rec["step_sizes"]["values"].items())[:3]}

@@ -17,7 +17,6 @@ accuracy on balanced passages from the held-out plays.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -209,24 +208,8 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--optimizer", default="metaoptimize")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--schedule", default="constant")
-    ap.add_argument("--base", default="adamw")
-    ap.add_argument("--granularity", default="scalar")
-    ap.add_argument("--meta", default="lion")
-    ap.add_argument("--meta_lr", type=float, default=1e-2)
-    ap.add_argument("--gamma", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=DEFAULT_CONFIG["steps"])
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    spec: dict[str, Any] = {"optimizer": a.optimizer, "lr": a.lr, "schedule": a.schedule}
-    if a.optimizer == "metaoptimize":
-        spec.update(base=a.base, granularity=a.granularity, meta=a.meta, meta_lr=a.meta_lr, gamma=a.gamma)
-    rec = run({"run_id": "cli", "contender": a.optimizer, "spec": spec, "seed": a.seed},
-              {"steps": a.steps, "eval_every": max(1, a.steps // 2)})
+    a, run_spec = common.cli_args(__doc__, lr=1e-3, steps=DEFAULT_CONFIG["steps"])
+    rec = run(run_spec, {"steps": a.steps, "eval_every": max(1, a.steps // 2)})
     print(f"{'step':>6}{'test NLL':>10}{'acc':>8}")
     for i, s in enumerate(rec["eval"]["step"]):
         print(f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}{rec['eval']['accuracy'][i]:>8.3f}")
