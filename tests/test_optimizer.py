@@ -433,3 +433,61 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Inside the `with` block, reading a tensor's value on the host (item, bool, float, tolist, numpy, ...) raises.
+
+    On CPU nothing is a real device sync, but every such read in step() would be one on a GPU, and so would Python
+    branching on a tensor value (it goes through __bool__)."""
+    import contextlib
+
+    names = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu")
+
+    @contextlib.contextmanager
+    def guard():
+        saved = {n: getattr(torch.Tensor, n) for n in names}
+
+        def forbid(name):
+            def raiser(self, *a, **k):
+                raise _HostSync(f"host read of a tensor value: Tensor.{name}")
+            return raiser
+
+        try:
+            for n in names:
+                setattr(torch.Tensor, n, forbid(n))
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(torch.Tensor, n, f)
+
+    return guard
+
+
+@pytest.mark.parametrize("base,meta,gran", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_reads_no_tensor_value_on_the_host(base, meta, gran, dtype, forbid_host_reads):
+    params = make_params(dtype)
+    opt = MetaOptimize(params, lr=1e-2, base=base, meta=meta, granularity=gran, weight_decay=0.1, gamma=0.99)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        feed(params, gen)
+        if step == 1:
+            params[0].grad[0, 0] = float("nan")  # the skipped-step path too
+        with forbid_host_reads():
+            opt.step()
+            opt.step_sizes()
+            opt.step_size_multipliers()
+    assert opt.state[params[0]]["nonfinite_steps"].item() == 1.0
+
+
+def test_host_read_guard_catches_a_read(forbid_host_reads):
+    t = torch.ones(())
+    with forbid_host_reads(), pytest.raises(_HostSync):
+        if t > 0:
+            pass
