@@ -175,7 +175,7 @@ def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        return {"ok": False, "skipped": "deepspeed is not importable (carry a wheel: docs/benchmarks.md)"}
+        return {"ok": False, "skipped": "deepspeed is not importable (carry a wheel: docs/gpu_check.md)"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29518",
            "-m", "hf_metaoptimize.launch", "benchmarks/gpu_check.py", "--child", "train", *TRAIN_ARGS,
            "--output_dir", out / "ds", "--max_steps", "6", "--save_strategy", "no",

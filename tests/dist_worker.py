@@ -219,11 +219,14 @@ def check_fsdp2_resume(args, model, opt, rank, world) -> list[str]:
     return errors
 
 
-if __name__ == "__main__":
-    code = main()
-    # The report is written and the process group destroyed. Skip interpreter finalisation: on CPU/gloo a
-    # library thread is now and then destroyed while still joinable there, and the rank aborts ("terminate
-    # called without an active exception") after all checks passed (seen in CI on a ZeRO-1 run).
+def exit_now(code: int) -> None:
+    """Exit with `code` once the report is written and the process group destroyed, skipping interpreter
+    finalisation: on CPU/gloo a library thread is now and then destroyed there while still joinable, and the rank
+    aborts ("terminate called without an active exception") after all checks passed (seen in CI on ZeRO-1)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

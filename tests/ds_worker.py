@@ -150,10 +150,4 @@ def finish(args, rank, errors) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # The report is written and the process group destroyed. Skip interpreter finalisation: on CPU/gloo a
-    # library thread is now and then destroyed while still joinable there, and the rank aborts ("terminate
-    # called without an active exception") after all checks passed (seen in CI on a ZeRO-1 run).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    dist_worker.exit_now(main())

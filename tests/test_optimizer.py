@@ -449,22 +449,17 @@ def forbid_host_reads(monkeypatch):
 
     names = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu")
 
+    def forbid(name):
+        def raiser(self, *a, **k):
+            raise _HostSync(f"host read of a tensor value: Tensor.{name}")
+        return raiser
+
     @contextlib.contextmanager
     def guard():
-        saved = {n: getattr(torch.Tensor, n) for n in names}
-
-        def forbid(name):
-            def raiser(self, *a, **k):
-                raise _HostSync(f"host read of a tensor value: Tensor.{name}")
-            return raiser
-
-        try:
+        with monkeypatch.context() as m:
             for n in names:
-                setattr(torch.Tensor, n, forbid(n))
+                m.setattr(torch.Tensor, n, forbid(n))
             yield
-        finally:
-            for n, f in saved.items():
-                setattr(torch.Tensor, n, f)
 
     return guard
 
