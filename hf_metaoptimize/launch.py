@@ -12,6 +12,12 @@ It installs the lazy registration hook (hf_metaoptimize.integrations.autoregiste
 transformers when the script imports it, so nothing of transformers is imported before the script runs (scripts
 that set HF_HOME & co. before importing transformers behave as usual). Then the target runs as `__main__`, with
 `sys.argv` and `sys.path[0]` as `python train.py ARGS...` / `python -m package.module ARGS...` would set them.
+
+When the target returns (or exits with status 0), a default process group it left initialised (the Trainer and
+accelerate never destroy theirs) is torn down with a barrier and ``destroy_process_group()``: left to interpreter
+finalisation, gloo's threads are now and then destroyed while still joinable and the rank aborts with
+``terminate called without an active exception`` after a finished run. When the target raises, the group is
+destroyed without the barrier (the other ranks may be gone) and the exception propagates unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +33,25 @@ USAGE = (
 )
 
 
+def _teardown_process_group(clean: bool) -> None:
+    """Destroy a default process group the target left initialised (barrier first after a clean finish).
+
+    Reads ``sys.modules`` only: a target that never imported torch.distributed costs nothing here.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _clean_exit(err: SystemExit) -> bool:
+    return err.code is None or err.code == 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -36,6 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     from .integrations.autoregister import install
 
     install()
+    try:
+        _run_target(argv)
+    except SystemExit as err:
+        _teardown_process_group(clean=_clean_exit(err))
+        raise
+    except BaseException:
+        _teardown_process_group(clean=False)
+        raise
+    _teardown_process_group(clean=True)
+
+
+def _run_target(argv: list[str]) -> None:
+    """Run SCRIPT / -m MODULE as `__main__` with the argv and sys.path that `python` would give it."""
     if argv[0] == "-m" or (argv[0].startswith("-m") and len(argv[0]) > 2):
         module = argv[1] if argv[0] == "-m" else argv[0][2:]
         rest = argv[2:] if argv[0] == "-m" else argv[1:]

@@ -12,6 +12,7 @@ tensors with ``torch._foreach_*`` ops and never read a tensor value on the host.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,31 +26,38 @@ from .distributed import any_dtensor as _any_dtensor
 from .distributed import local_tensor as _local
 from .distributed import reduce_partial_sums, shard_group
 
-__all__ = ["MetaOptimize", "BASES", "METAS", "GRANULARITIES"]
+from .spec import (
+    ARGUMENT_KEYS,
+    BASES,
+    BLOCK_KEYS,
+    DEFAULTS,
+    GLOBAL_KEYS,
+    GRANULARITIES,
+    IDENTITY_KEYS,
+    METAS,
+    check_lr,
+    normalize_group,
+)
 
-BASES = ("adamw", "lion", "sgd", "rmsprop")
-METAS = ("lion", "adam")
-GRANULARITIES = ("scalar", "block", "tensor", "element")
+__all__ = ["MetaOptimize", "BASES", "METAS", "GRANULARITIES", "STALL_STEPS"]
 
-_DEFAULT_BETAS = {"adamw": (0.9, 0.999), "lion": (0.9, 0.99), "sgd": (0.9,), "rmsprop": (0.99,)}
-_BETAS_MEANING = {
-    "adamw": "(beta1, beta2) = (momentum, second-moment) coefficients",
-    "lion": "(beta1, beta2) = (interpolation c, momentum rho) as in the Lion paper",
-    "sgd": "(momentum,) = EMA momentum coefficient rho",
-    "rmsprop": "(alpha,) = second-moment coefficient lambda",
-}
-_USES_EPS = ("adamw", "rmsprop")
-_DEFAULT_META_BETAS = {"lion": (0.9, 0.99), "adam": (0.9, 0.999)}
-_DEFAULT_EPS = 1e-8
+logger = logging.getLogger("hf_metaoptimize")
+
+#: :meth:`MetaOptimize.skipped_steps` warns again when this many consecutive steps were skipped as non-finite.
+STALL_STEPS = 100
 
 # Per-param state that must stay in float32 (or wider) whatever the param dtype. torch's
 # Optimizer.load_state_dict casts every floating state tensor except "step" to the param dtype; these keys
 # are restored at full precision by the load hooks below.
 _WIDE_KEYS = ("trace", "log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "nonfinite_steps", "meta_grad")
-# Hyper-parameters that must be equal for every group (the algorithm variant).
-_GLOBAL_KEYS = ("base", "meta", "granularity")
-# Hyper-parameters that groups sharing a block must agree on (they define the block's meta update).
-_BLOCK_KEYS = ("meta_lr", "meta_betas", "meta_eps", "log_step_bounds")
+def _snapshot(group: dict[str, Any]) -> tuple:
+    """A group's hyper-parameters as comparable values (tensors by identity: no value is read); ``params`` and the
+    scheduler-driven ``lr`` / ``initial_lr`` are left out (``lr`` is checked on its own every step)."""
+    return tuple(
+        (k, ("tensor", id(v)) if isinstance(v, Tensor) else v)
+        for k, v in group.items()
+        if k not in ("params", "initial_lr") and not (k == "lr" and not isinstance(v, Tensor))
+    )
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,20 +149,20 @@ class MetaOptimize(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
+        lr: float | Tensor = DEFAULTS["lr"],
         *,
-        base: str = "adamw",
-        meta: str = "lion",
-        granularity: str = "scalar",
-        meta_lr: float = 1e-3,
-        gamma: float = 1.0,
+        base: str = DEFAULTS["base"],
+        meta: str = DEFAULTS["meta"],
+        granularity: str = DEFAULTS["granularity"],
+        meta_lr: float = DEFAULTS["meta_lr"],
+        gamma: float = DEFAULTS["gamma"],
         betas: tuple[float, ...] | float | None = None,
         eps: float | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float = DEFAULTS["weight_decay"],
         meta_betas: tuple[float, float] | None = None,
-        meta_eps: float = 1e-8,
-        log_step_bounds: tuple[float, float] = (-14.0, 14.0),
-        skip_nonfinite: bool = True,
+        meta_eps: float = DEFAULTS["meta_eps"],
+        log_step_bounds: tuple[float, float] = DEFAULTS["log_step_bounds"],
+        skip_nonfinite: bool = DEFAULTS["skip_nonfinite"],
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -175,40 +183,76 @@ class MetaOptimize(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        _normalize_group(defaults, where="MetaOptimize")
+        normalize_group(defaults, where="MetaOptimize")
         super().__init__(params, defaults)
         self._index_cache: dict[Any, Tensor] = {}
         # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
         # list around each step() call; this is how the optimizer still sees every block.
         self._all_groups = self.param_groups
         self._partitions: _Partitions | None = None
-        self.register_load_state_dict_pre_hook(_stash_wide_state)
+        self._skip_seen: tuple[int, int, int] | None = None  # host-side: (skipped, applied, streak) at last check
+        self.register_load_state_dict_pre_hook(_check_checkpoint)
         self.register_load_state_dict_post_hook(_restore_wide_state)
+        self._check_groups()
 
     # ------------------------------------------------------------------ bookkeeping
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for p in param_group["params"] if isinstance(param_group["params"], (list, tuple)) else []:
-            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
-                raise ValueError(
-                    f"MetaOptimize supports real floating-point parameters only, got dtype {p.dtype}"
-                )
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # torch: a bare Tensor becomes [Tensor], defaults filled in
         group = self.param_groups[-1]
-        _normalize_group(group, where=f"param group {len(self.param_groups) - 1}")
-        for key in _GLOBAL_KEYS:
-            first = self.param_groups[0][key]
-            if group[key] != first:
-                raise ValueError(
-                    f"every param group must use the same {key!r}: group 0 has {first!r}, group "
-                    f"{len(self.param_groups) - 1} has {group[key]!r}; use one MetaOptimize per {key}"
-                )
-        self._check_blocks()
+        try:
+            for p in group["params"]:
+                if p.is_complex() or not p.is_floating_point():
+                    raise ValueError(
+                        f"MetaOptimize supports real floating-point parameters only, got dtype {p.dtype}"
+                    )
+            self._validate(len(self.param_groups) - 1, group)
+        except Exception:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._index_cache = {}
         self._all_groups = self.param_groups
         self.__dict__.setdefault("_partitions", None)
+        self.__dict__.setdefault("_skip_seen", None)
+        self._group_snapshots = {}
+
+    def _validate(self, gi: int, group: dict[str, Any]) -> None:
+        """Validation in one place: the group's own values (:func:`hf_metaoptimize.spec.normalize_group`), then
+        the rules across groups (one algorithm per optimizer, one meta update per block)."""
+        normalize_group(group, where=f"param group {gi}")
+        groups = self.param_groups
+        for key in GLOBAL_KEYS:
+            first = groups[0][key]
+            if group[key] != first:
+                raise ValueError(
+                    f"every param group must use the same {key!r}: group 0 has {first!r}, group "
+                    f"{gi} has {group[key]!r}; use one MetaOptimize per {key}"
+                )
+        self._check_blocks()
+
+    def _check_groups(self, force: bool = False) -> None:
+        """Re-validate every param group that is new, edited or loaded since the last check (before a step uses it).
+
+        A group's values are compared with a snapshot taken when it was last validated (tensors by identity, no
+        value read); ``lr`` is checked on its own, cheaply, because schedulers change it every step. Costs a few
+        microseconds per group per step.
+        """
+        groups = self._all_groups
+        snaps = self.__dict__.setdefault("_group_snapshots", {})
+        for gi, group in enumerate(groups):
+            snap = _snapshot(group)
+            if force or snaps.get(gi) != snap:
+                self._validate(gi, group)
+                snaps[gi] = _snapshot(group)  # after normalization (lists -> tuples, defaults filled)
+                continue
+            lr = group["lr"]
+            if type(lr) is float or type(lr) is int:
+                if not 0 <= lr < math.inf:  # False for NaN too
+                    check_lr(lr, f"param group {gi}")
+        for gi in [k for k in snaps if k >= len(groups)]:
+            del snaps[gi]
 
     def _check_blocks(self) -> None:
         seen: dict[Any, int] = {}
@@ -218,7 +262,7 @@ class MetaOptimize(Optimizer):
                 continue
             if key in seen:
                 other = self.param_groups[seen[key]]
-                for k in _BLOCK_KEYS:
+                for k in BLOCK_KEYS:
                     if other[k] != group[k]:
                         raise ValueError(
                             f"param groups {seen[key]} and {gi} share block {key!r} but differ in {k!r} "
@@ -229,7 +273,7 @@ class MetaOptimize(Optimizer):
         if self.param_groups[0]["granularity"] == "scalar":
             ref = self.param_groups[0]
             for gi, group in enumerate(self.param_groups[1:], start=1):
-                for k in _BLOCK_KEYS:
+                for k in BLOCK_KEYS:
                     if ref[k] != group[k]:
                         raise ValueError(
                             f"granularity='scalar' shares one step size across all param groups, but group "
@@ -325,6 +369,46 @@ class MetaOptimize(Optimizer):
             out.append(row)
         return out
 
+    def skipped_steps(self, warn: bool = True) -> int:
+        """Number of steps skipped as non-finite so far (``skip_nonfinite=True``); logs a warning when there are some.
+
+        The first call that sees a skipped step logs a warning (logger ``hf_metaoptimize``); another comes each
+        time skips continue for :data:`STALL_STEPS` (100) consecutive steps, i.e. the run is stalled: every step
+        is refused, so the step size cannot shrink by itself. "Consecutive" is judged between calls: the steps
+        since the previous call count towards it when none of them was applied. The Trainer calls this at every
+        logging step and logs the count as ``skipped_steps``; in a plain loop, call it now and then (e.g. where
+        you log the loss). Reads two numbers from the device (a host sync; ``step()`` itself never syncs).
+        """
+        counts = [(st["nonfinite_steps"], st["step"]) for st in self.state.values()
+                  if isinstance(st, dict) and "nonfinite_steps" in st]
+        if not counts:
+            return 0
+        dev = _local(counts[0][0]).device
+        skipped, applied = (int(v) for v in torch.stack([
+            torch.stack([_local(t).to(device=dev, dtype=torch.float64) for t in col]).amax() for col in zip(*counts)
+        ]).cpu().tolist())  # the one host transfer
+        prev = self._skip_seen
+        last_skipped, last_applied, streak = prev if prev is not None else (0, 0, 0)
+        new_skips, new_applied = skipped - last_skipped, applied - last_applied
+        if new_skips < 0 or new_applied < 0:  # the state was replaced (a checkpoint load): start counting again
+            last_skipped, new_skips, new_applied, streak = 0, skipped, applied, 0
+        streak = streak + new_skips if new_applied == 0 else 0
+        self._skip_seen = (skipped, applied, streak)
+        if not warn or new_skips == 0:
+            return skipped
+        if last_skipped == 0:
+            logger.warning(
+                "MetaOptimize skipped %d of the last %d step(s) because a gradient or meta-gradient was not finite "
+                "(inf/NaN); skipped steps change no weight and no state. Check the loss scale, the data and the "
+                "initial step size (lr).", new_skips, new_skips + new_applied)
+        elif streak >= STALL_STEPS and (streak - new_skips) // STALL_STEPS != streak // STALL_STEPS:
+            logger.warning(
+                "MetaOptimize has skipped every step for %d consecutive steps (%d skipped in all, %d applied): the "
+                "run is stalled, the step size cannot shrink while every step is refused. Stop and restart from a "
+                "good checkpoint with a smaller lr (or fix the source of the inf/NaN gradients).",
+                streak, skipped, applied)
+        return skipped
+
     def _group_params(self) -> list[tuple[int, dict[str, Any], list[Tensor]]]:
         """(index, group, params) for every param group; under DeepSpeed ZeRO the rank's partitions."""
         part = self.__dict__.get("_partitions")
@@ -352,6 +436,7 @@ class MetaOptimize(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_groups()  # groups edited or loaded since the last step are validated before use
         groups = self._all_groups
         gran = groups[0]["granularity"]
         shared = gran in ("scalar", "block")
@@ -592,96 +677,6 @@ def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
             "partitions (DeepSpeed ZeRO). Its meta-gradients need the whole block across groups and ranks: "
             "call hf_metaoptimize.integrations.deepspeed.attach(engine) right after deepspeed.initialize(...) "
             "(the Trainer integration does this for you)."
-        )
-
-
-# ---------------------------------------------------------------------- validation
-def _normalize_group(group: dict[str, Any], where: str) -> None:
-    """Fill per-base defaults and validate a group's hyper-parameters (ValueError names value and fix)."""
-
-    def choice(key: str, options: tuple[str, ...]) -> None:
-        val = group[key]
-        if val not in options:
-            raise ValueError(f"{where}: invalid {key}={val!r}; choose one of {', '.join(map(repr, options))}")
-
-    choice("base", BASES)
-    choice("meta", METAS)
-    choice("granularity", GRANULARITIES)
-    base, meta = group["base"], group["meta"]
-
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
-    elif not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{where}: invalid lr={lr!r}; the initial step size must be a finite number >= 0")
-
-    def nonneg(key: str, upper: float | None = None, upper_open: bool = False) -> None:
-        val = group[key]
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val) or val < 0:
-            raise ValueError(f"{where}: invalid {key}={val!r}; expected a finite number >= 0")
-        if upper is not None and (val > upper or (upper_open and val == upper)):
-            bracket = ")" if upper_open else "]"
-            raise ValueError(f"{where}: invalid {key}={val!r}; expected a value in [0, {upper}{bracket}")
-
-    nonneg("meta_lr")
-    nonneg("gamma", 1.0)
-    nonneg("weight_decay")
-
-    def coeffs(key: str, value: Any, n: int, meaning: str) -> tuple[float, ...]:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and n == 1:
-            value = (value,)
-        if not isinstance(value, (tuple, list)) or len(value) != n:
-            raise ValueError(f"{where}: invalid {key}={value!r}; expected {n} coefficient(s): {meaning}")
-        for b in value:
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= b < 1.0):
-                raise ValueError(f"{where}: invalid {key}={value!r}; every coefficient must be in [0, 1)")
-        return tuple(float(b) for b in value)
-
-    betas = group["betas"]
-    group["betas"] = coeffs("betas", _DEFAULT_BETAS[base] if betas is None else betas,
-                            len(_DEFAULT_BETAS[base]), f"base={base!r} takes {_BETAS_MEANING[base]}")
-    mb = group["meta_betas"]
-    group["meta_betas"] = coeffs("meta_betas", _DEFAULT_META_BETAS[meta] if mb is None else mb, 2,
-                                 "(c_bar, rho_bar) for meta='lion', (beta1, beta2) for meta='adam'")
-
-    eps = group["eps"]
-    if base in _USES_EPS:
-        eps = _DEFAULT_EPS if eps is None else eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"{where}: invalid eps={eps!r}; expected a finite number >= 0")
-        group["eps"] = float(eps)
-    elif eps is not None:
-        raise ValueError(
-            f"{where}: eps={eps!r} is not used by base={base!r}; leave it unset (eps applies to adamw, rmsprop)"
-        )
-    me = group["meta_eps"]
-    if isinstance(me, bool) or not isinstance(me, (int, float)) or not math.isfinite(me) or me < 0:
-        raise ValueError(f"{where}: invalid meta_eps={me!r}; expected a finite number >= 0")
-
-    bounds = group["log_step_bounds"]
-    if (
-        not isinstance(bounds, (tuple, list))
-        or len(bounds) != 2
-        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
-        or not bounds[0] <= 0.0 <= bounds[1]
-    ):
-        raise ValueError(
-            f"{where}: invalid log_step_bounds={bounds!r}; expected (lo, hi) with finite lo <= 0 <= hi "
-            "(bounds on the learned log step-size multiplier; the default is (-14.0, 14.0))"
-        )
-    group["log_step_bounds"] = (float(bounds[0]), float(bounds[1]))
-    for key in ("skip_nonfinite",):
-        if not isinstance(group[key], bool):
-            raise ValueError(f"{where}: invalid {key}={group[key]!r}; expected True or False")
-    if group["foreach"] not in (None, True, False):
-        raise ValueError(f"{where}: invalid foreach={group['foreach']!r}; expected None, True or False")
-    fused = group.setdefault("fused", None)
-    if fused not in (None, True, False):
-        raise ValueError(f"{where}: invalid fused={fused!r}; expected None, True or False")
-    if fused and group["foreach"] is False:
-        raise ValueError(
-            f"{where}: fused=True and foreach=False ask for two different implementations; pass one of them"
         )
 
 
@@ -1017,8 +1012,102 @@ def _meta_step_element(
 
 
 # ---------------------------------------------------------------------- checkpoint precision
+_RESUME_HELP = (
+    "Either resume with the checkpoint's settings ({saved}; with the Trainer: the same --optim and --optim_args "
+    "as the run that saved it), or start the optimizer fresh (do not load its state; with the Trainer: start a new "
+    "run from the saved model weights instead of --resume_from_checkpoint)."
+)
+
+
+def _settings(group: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={group.get(k)!r}" for k in GLOBAL_KEYS)
+
+
+def _check_checkpoint(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """load_state_dict pre-hook: refuse a foreign or mismatched checkpoint, let the new arguments win where they
+    may (:data:`hf_metaoptimize.spec.ARGUMENT_KEYS`), and remember the full-precision state (see
+    :func:`_restore_wide_state`). Returns the state dict torch then loads (the caller's dict is not modified)."""
+    saved = state_dict.get("param_groups")
+    if not isinstance(saved, list) or not isinstance(state_dict.get("state"), dict):
+        raise ValueError(
+            "MetaOptimize.load_state_dict expects what MetaOptimize.state_dict() returns (a dict with 'state' and "
+            f"'param_groups'); got a {type(state_dict).__name__} with keys {sorted(map(str, state_dict))}"
+        )
+    _refuse_foreign(state_dict)
+    current = optimizer.param_groups
+    if saved and current:
+        for key in GLOBAL_KEYS:
+            if saved[0].get(key) != current[0][key]:
+                raise ValueError(
+                    f"MetaOptimize.load_state_dict: the checkpoint was saved with {key}={saved[0].get(key)!r}, this "
+                    f"optimizer has {key}={current[0][key]!r}. Its state (trace, log step sizes, meta state) "
+                    "belongs to the algorithm that saved it and would silently keep running it. "
+                    + _RESUME_HELP.format(saved=_settings(saved[0]))
+                )
+    if len(saved) != len(current):
+        raise ValueError(
+            f"MetaOptimize.load_state_dict: the checkpoint has {len(saved)} param group(s), this optimizer has "
+            f"{len(current)}: the block layout differs (with the Trainer, granularity=layer makes one group per layer "
+            "and scalar/tensor/element the Trainer's two decay groups). "
+            + _RESUME_HELP.format(saved=_settings(saved[0]) if saved else "")
+        )
+    for gi, (sg, cg) in enumerate(zip(saved, current)):
+        for key in GLOBAL_KEYS:
+            if sg.get(key) != cg[key]:
+                raise ValueError(
+                    f"MetaOptimize.load_state_dict: param group {gi} of the checkpoint has {key}={sg.get(key)!r}, "
+                    f"this optimizer has {key}={cg[key]!r}. " + _RESUME_HELP.format(saved=_settings(sg))
+                )
+        if len(sg["params"]) != len(cg["params"]):
+            raise ValueError(
+                f"MetaOptimize.load_state_dict: param group {gi} of the checkpoint has {len(sg['params'])} "
+                f"parameter(s), this optimizer's has {len(cg['params'])}: not the same model or param groups. "
+                + _RESUME_HELP.format(saved=_settings(sg))
+            )
+        if cg["granularity"] == "block" and sg.get("block") != cg.get("block"):
+            raise ValueError(
+                f"MetaOptimize.load_state_dict: param group {gi} of the checkpoint belongs to block "
+                f"{sg.get('block')!r}, this optimizer's to block {cg.get('block')!r}: the block layout differs. "
+                + _RESUME_HELP.format(saved=_settings(sg))
+            )
+    groups = []
+    for sg, cg in zip(saved, current):
+        group = dict(sg)
+        for key in ARGUMENT_KEYS:  # may change on resume: the new optimizer's value wins
+            if key in cg:
+                group[key] = cg[key]
+        if "initial_lr" not in sg:  # no scheduler drove lr: it is an argument like the others
+            group["lr"] = cg["lr"]
+        groups.append(group)
+    _stash_wide_state(optimizer, state_dict)
+    return {**state_dict, "param_groups": groups}
+
+
+def _refuse_foreign(state_dict: dict[str, Any]) -> None:
+    """A state dict saved by another optimizer (e.g. torch.optim.AdamW) loads into torch's machinery and only fails
+    at the first step, far from the cause: name what it is instead."""
+    groups = state_dict["param_groups"]
+    missing = [k for k in GLOBAL_KEYS if any(k not in g for g in groups)]
+    keys = sorted({str(k) for st in state_dict["state"].values() if isinstance(st, dict) for k in st})
+    no_trace = bool(keys) and "trace" not in keys
+    if not missing and not no_trace:
+        return
+    kind = "another optimizer"
+    if keys and set(keys) <= {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}:
+        kind = "an Adam / AdamW-style optimizer (torch.optim.AdamW, --optim adamw_torch*)"
+    elif keys and set(keys) <= {"step", "momentum_buffer"}:
+        kind = "SGD"
+    what = f"param groups without {missing}" if missing else "per-parameter state without a 'trace'"
+    raise ValueError(
+        f"MetaOptimize.load_state_dict: this state dict was saved by {kind}, not by MetaOptimize ({what}; state "
+        f"keys {keys or 'none'}). Its state cannot continue a MetaOptimize run. Start the optimizer fresh (load "
+        "the model weights only; with the Trainer: start a new run from the checkpoint's model instead of "
+        "--resume_from_checkpoint), or resume with the optimizer that saved it."
+    )
+
+
 def _stash_wide_state(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> None:
-    """load_state_dict pre-hook: remember the full-precision trace / log_step / meta state / counters."""
+    """Part of the load_state_dict pre-hook: remember the full-precision trace / log_step / meta state / counters."""
     stash: dict[int, dict[str, Tensor]] = {}
     for pid, st in state_dict.get("state", {}).items():
         if isinstance(st, dict):
@@ -1041,7 +1130,4 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
     optimizer._wide_stash, optimizer._wide_stash_ids = {}, []
     optimizer._index_cache = {}
     optimizer._all_groups = optimizer.param_groups  # load_state_dict installs a new list
-    for gi, group in enumerate(optimizer.param_groups):
-        for key in _GLOBAL_KEYS:
-            if group.get(key) != optimizer.param_groups[0].get(key):
-                raise ValueError(f"loaded state dict mixes {key} values across param groups")
+    optimizer._check_groups(force=True)  # loaded groups are validated now, not at the first step

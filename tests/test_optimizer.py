@@ -254,7 +254,7 @@ def test_state_dict_resume_is_bit_identical(base, meta, gran):
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
     p_b = [w.clone().requires_grad_() for w in ck["params"]]
-    o_b = MetaOptimize(p_b, lr=0.5, base=base, meta=meta, granularity=gran)  # hyper-params come from the ckpt
+    o_b = MetaOptimize(p_b, **kw)  # the run's own settings (what may change on resume: test_resume_* below)
     o_b.load_state_dict(ck["opt"])
     go(o_b, p_b, grads[50:])
     for a, b in zip(p_full, p_b):

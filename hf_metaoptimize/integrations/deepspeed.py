@@ -90,15 +90,16 @@ def attach(engine_or_optimizer: Any) -> MetaOptimize:
 def check_config(config: dict[str, Any], *, client_optimizer: bool = True) -> None:
     """Refuse DeepSpeed configs that would silently drop or replace the MetaOptimize client optimizer.
 
-    - a config with its own ``"optimizer"`` section makes DeepSpeed (and accelerate) build that optimizer
+    - a config with its own ``"optimizer"`` key (even ``{}`` or ``null``) makes DeepSpeed (and accelerate) build that optimizer
       instead of ours;
     - optimizer offload without ``"zero_force_ds_cpu_optimizer": false`` makes accelerate swap ours for
       ``DeepSpeedCPUAdam``.
     """
     if not client_optimizer:
         return
-    if config.get("optimizer"):
-        kind = config["optimizer"].get("type", "?") if isinstance(config["optimizer"], dict) else "?"
+    if "optimizer" in config:  # transformers and DeepSpeed test the key's presence, not its truth: {} and null count
+        section = config["optimizer"]
+        kind = section.get("type", "?") if isinstance(section, dict) else repr(section)
         raise ValueError(
             f"the DeepSpeed config has its own \"optimizer\" section (type {kind!r}), which silently replaces "
             "MetaOptimize (--optim metaoptimize would be ignored). Remove the \"optimizer\" section from the "

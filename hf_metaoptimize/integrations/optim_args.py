@@ -16,26 +16,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import spec as _spec
+
 # --optim name -> the base rule it selects (the paper's default pair is AdamW base + Lion meta).
 OPTIM_NAMES: dict[str, str] = {"metaoptimize": "adamw", "metaoptimize_lion": "lion"}
 
-BASES = ("adamw", "lion", "sgd", "rmsprop")
-METAS = ("lion", "adam")
-# "layer" is the Trainer-level name of block granularity with one block per transformer layer
-# (hf_metaoptimize.layers); "block" is not offered here because the Trainer's own param groups
-# (decay / no-decay) are not meaningful blocks.
-GRANULARITIES = ("scalar", "layer", "tensor", "element")
-
-# Defaults of the base rules' coefficients (docs/design.md). `--adam_beta1/2` feed them (see base_betas()).
-BASE_BETAS: dict[str, tuple[float, ...]] = {
-    "adamw": (0.9, 0.999),
-    "lion": (0.9, 0.99),
-    "sgd": (0.9,),
-    "rmsprop": (0.99,),
-}
-META_BETAS: dict[str, tuple[float, float]] = {"lion": (0.9, 0.99), "adam": (0.9, 0.999)}
-# Bases that use eps (adamw/rmsprop); for the others `--adam_epsilon` is ignored.
-BASES_WITH_EPS = ("adamw", "rmsprop")
+# The rules, their coefficients and defaults come from the one spec (hf_metaoptimize.spec). "layer" is the
+# Trainer-level name of block granularity with one block per transformer layer (hf_metaoptimize.layers); "block"
+# itself is not offered here because the Trainer's own param groups (decay / no-decay) are not meaningful blocks.
+GRANULARITIES = tuple("layer" if g == "block" else g for g in _spec.GRANULARITIES)
+BASES, METAS, BASES_WITH_EPS = _spec.BASES, _spec.METAS, _spec.BASES_WITH_EPS
+BASE_BETAS, META_BETAS = _spec.DEFAULT_BETAS, _spec.DEFAULT_META_BETAS  # `--adam_beta1/2` feed them (base_betas())
+_D = _spec.DEFAULTS
 
 
 class OptimArgsError(ValueError):
@@ -99,23 +91,24 @@ OPTIM_ARGS: dict[str, OptimArg] = {
     a.name: a
     for a in (
         OptimArg("base", _choice(BASES), "base rule that takes the steps (default: from --optim)"),
-        OptimArg("meta", _choice(METAS), "meta rule that learns the log step sizes", "lion"),
+        OptimArg("meta", _choice(METAS), "meta rule that learns the log step sizes", _D["meta"]),
         OptimArg("granularity", _choice(GRANULARITIES),
                  "how many step sizes: one (scalar), one per transformer layer + embeddings + head (layer), "
-                 "one per tensor, one per weight (element)", "scalar"),
-        OptimArg("meta_lr", _as_float, "meta step size eta on the log step sizes", 1e-3,
+                 "one per tensor, one per weight (element)", _D["granularity"]),
+        OptimArg("meta_lr", _as_float, "meta step size eta on the log step sizes", _D["meta_lr"],
                  lambda v: v >= 0, ">= 0"),
-        OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", 1.0, _in(0, 1), "in [0, 1]"),
+        OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", _D["gamma"], _in(0, 1), "in [0, 1]"),
         OptimArg("meta_beta1", _as_float, "meta rule's first coefficient (lion: c_bar 0.9; adam: 0.9)", None,
                  _in(0, 1, hi_open=True), "in [0, 1)"),
         OptimArg("meta_beta2", _as_float, "meta rule's second coefficient (lion: rho_bar 0.99; adam: 0.999)", None,
                  _in(0, 1, hi_open=True), "in [0, 1)"),
         OptimArg("meta_eps", _as_float, "meta Adam's epsilon (meta=adam only)", None, lambda v: v > 0, "> 0"),
-        OptimArg("log_step_min", _as_float, "lower clamp of the learned log step multiplier", -14.0,
+        OptimArg("log_step_min", _as_float, "lower clamp of the learned log step multiplier", _D["log_step_bounds"][0],
                  lambda v: v <= 0, "<= 0"),
-        OptimArg("log_step_max", _as_float, "upper clamp of the learned log step multiplier", 14.0,
+        OptimArg("log_step_max", _as_float, "upper clamp of the learned log step multiplier", _D["log_step_bounds"][1],
                  lambda v: v >= 0, ">= 0"),
-        OptimArg("skip_nonfinite", _as_bool, "skip a step whose gradient or meta-gradient is not finite", True),
+        OptimArg("skip_nonfinite", _as_bool, "skip a step whose gradient or meta-gradient is not finite",
+                 _D["skip_nonfinite"]),
         OptimArg("foreach", _as_bool, "use the multi-tensor (foreach) kernels (default: auto)", None),
         OptimArg("fused", _as_bool, "one torch.compile'd kernel per tensor: faster on large models, compiles "
                  "for seconds at the first step (default: false)", False),
@@ -165,21 +158,32 @@ def parse_optim_args(text: str | None, optim: str = "metaoptimize") -> dict[str,
     out: dict[str, Any] = {}
     for key, value in items:
         key = key.strip().lower()
-        spec = OPTIM_ARGS.get(key)
-        if spec is None:
+        if key not in OPTIM_ARGS:
             close = difflib.get_close_matches(key, OPTIM_ARGS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _fail(optim, f"unknown --optim_args key {key!r}{hint}")
         if key in out:
             raise _fail(optim, f"--optim_args key {key!r} given twice")
-        try:
-            cast = spec.cast(value)
-        except ValueError as err:
-            raise _fail(optim, f"--optim_args {key}={value!r} is not valid: {err} ({spec.help})") from None
-        if spec.check is not None and not spec.check(cast):
-            raise _fail(optim, f"--optim_args {key}={value!r} is out of range: must be {spec.rule} ({spec.help})")
-        out[key] = cast
+        out[key] = parse_value(key, value, optim)
     return out
+
+
+def parse_value(key: str, value: Any, optim: str = "metaoptimize", flag: str | None = None) -> Any:
+    """Cast and check one setting. `flag` names where it came from in messages (default `--optim_args KEY=`)."""
+    arg = OPTIM_ARGS[key]
+    said = f"--optim_args {key}={value!r}" if flag is None else f"{flag} {value!r}"
+    try:
+        if arg.cast is _as_bool and isinstance(value, bool):
+            cast_value: Any = value
+        elif arg.cast is _as_float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            cast_value = _as_float(str(float(value)))  # a typed field's number: the same finiteness check
+        else:
+            cast_value = arg.cast(str(value))
+    except ValueError as err:
+        raise _fail(optim, f"{said} is not valid: {err} ({arg.help})") from None
+    if arg.check is not None and not arg.check(cast_value):
+        raise _fail(optim, f"{said} is out of range: must be {arg.rule} ({arg.help})")
+    return cast_value
 
 
 def is_metaoptimize(optim: Any) -> bool:
@@ -213,10 +217,7 @@ def resolve_spec(args: Any) -> dict[str, Any]:
         value = getattr(args, field_name)
         if value is None:
             continue
-        if isinstance(value, str):
-            value = parse_optim_args(f"{key}={value}", optim)[key]
-        else:
-            parse_optim_args(f"{key}={value}", optim)  # same validation as --optim_args
+        value = parse_value(key, value, optim, flag=f"--{field_name}")  # same checks as --optim_args
         if value != OPTIM_ARGS[key].default:
             from_fields[key] = value
         spec[key] = value
@@ -283,3 +284,14 @@ def optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> dict[s
     if spec["fused"]:
         kwargs["fused"] = True
     return kwargs
+
+
+def check_optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> None:
+    """Validate the complete setting with the optimizer's own rules (:func:`hf_metaoptimize.spec.normalize_group`)
+    while the arguments are parsed: a value `MetaOptimize(...)` would refuse is refused here, with the same message."""
+    spec = resolve_spec(args) if spec is None else spec
+    group = optimizer_kwargs(args, spec)
+    try:
+        _spec.normalize_group(group, where=f"--optim {optim_name(getattr(args, 'optim', None))}")
+    except ValueError as err:
+        raise OptimArgsError(str(err)) from None

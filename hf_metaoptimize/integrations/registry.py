@@ -39,7 +39,15 @@ import os
 import sys
 from typing import Any
 
-from .optim_args import BASE_BETAS, BASES_WITH_EPS, OPTIM_NAMES, OptimArgsError, is_metaoptimize, resolve_spec
+from .optim_args import (
+    BASE_BETAS,
+    BASES_WITH_EPS,
+    OPTIM_NAMES,
+    OptimArgsError,
+    check_optimizer_kwargs,
+    is_metaoptimize,
+    resolve_spec,
+)
 
 logger = logging.getLogger("hf_metaoptimize")
 
@@ -238,6 +246,7 @@ def resolve_training_args(args: Any, named: set[str] | None) -> None:
         args.adam_beta2 = BASE_BETAS[base][-1]
     if "adam_epsilon" not in unnamed and base not in BASES_WITH_EPS:
         logger.warning("--adam_epsilon is ignored by MetaOptimize with base=%s (it has no epsilon).", base)
+    check_optimizer_kwargs(args, spec)  # the optimizer's own rules, before anything is loaded
     args.__dict__[_RESOLVED_ATTR] = True
 
 
@@ -502,6 +511,8 @@ def _patch_trainer(module: Any) -> None:
                     from .stepsizes import step_size_logs
 
                     logs.update(step_size_logs(optimizer, self, logs["learning_rate"]))
+                    if optimizer.param_groups and optimizer.param_groups[0].get("skip_nonfinite"):
+                        logs["skipped_steps"] = optimizer.skipped_steps()  # warns on the first skip and on a stall
             return log(self, logs, *a, **kw)
 
         setattr(wrapped_log, _WRAPPED, True)
