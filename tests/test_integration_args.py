@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import pickle
 from contextlib import redirect_stdout
 
@@ -92,6 +93,8 @@ def test_set_optimizer_and_set_lr_scheduler():
     "config, needle",
     [
         ({"optimizer": {"type": "AdamW"}}, '"optimizer" section'),
+        ({"optimizer": {}}, '"optimizer" section'),  # transformers tests the key's presence, not its truth
+        ({"optimizer": None}, '"optimizer" section'),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "zero_force_ds_cpu_optimizer"),
         ({"zero_optimization": {"stage": 1}}, "granularity=tensor is not supported under DeepSpeed ZeRO"),
     ],
@@ -195,6 +198,10 @@ def test_metaoptimize_training_arguments_typed_flags():
         parse(MetaOptimizeTrainingArguments, "--metaoptimize_meta_lr", "0.01", "--optim_args", "meta_lr=0.02")
     assert optimizer_kwargs(parse(MetaOptimizeTrainingArguments, "--metaoptimize_fused", "true"))["fused"] is True
     assert optimizer_kwargs(parse(MetaOptimizeTrainingArguments, "--optim_args", "fused=true"))["fused"] is True
+    with pytest.raises(OptimArgsError, match=r"--metaoptimize_gamma 2.0 is out of range"):  # the flag it came from
+        parse(MetaOptimizeTrainingArguments, "--metaoptimize_gamma", "2")
+    with pytest.raises(OptimArgsError, match=r"--metaoptimize_meta_lr 'abc' is not valid"):
+        MetaOptimizeTrainingArguments("x", metaoptimize_meta_lr="abc")
     direct = MetaOptimizeTrainingArguments("x", metaoptimize_base="lion")
     assert direct.lr_scheduler_type == "constant" and direct.adam_beta2 == 0.99
 
@@ -230,3 +237,17 @@ def test_installed_transformers_has_the_private_table_we_rely_on():
     args = parse(TrainingArguments, "--optim", "metaoptimize")
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, _tiny.tiny_gpt2())
     assert cls is hf_metaoptimize.MetaOptimize and kwargs["base"] == "adamw"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--optim_args", "meta=adam,meta_eps=0"], "meta_eps='0' is out of range"),
+    (["--optim_args", "base=lion", "--adam_epsilon", "1e-6"], None),  # ignored with a warning, not an error
+    (["--adam_beta1", "1.5"], "invalid betas=(1.5, 0.999)"),  # the optimizer's own rule, while parsing
+    (["--weight_decay", "-0.1"], "invalid weight_decay=-0.1"),
+])
+def test_the_optimizers_rules_apply_while_parsing(argv, needle):
+    if needle is None:
+        parse(TrainingArguments, "--optim", "metaoptimize", *argv)
+        return
+    with pytest.raises(OptimArgsError, match=re.escape(needle)):
+        parse(TrainingArguments, "--optim", "metaoptimize", *argv)

@@ -51,3 +51,32 @@ def test_launcher_usage_and_missing_script(capsys):
         launch.main(["no_such_script.py"])
 
 
+
+
+PG_SCRIPT = """
+import atexit, os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + os.environ["PG_FILE"], rank=0, world_size=1)
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+if os.environ.get("PG_END") == "raise":
+    raise RuntimeError("boom")
+if os.environ.get("PG_END") == "exit3":
+    sys.exit(3)
+if os.environ.get("PG_END") == "exit0":
+    sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("end, code", [("return", 0), ("exit0", 0), ("raise", 1), ("exit3", 3)])
+def test_the_launcher_tears_down_the_process_group_the_target_left(tmp_path, end, code):
+    """torchrun / accelerate launch -m hf_metaoptimize.launch: the Trainer never destroys its process group, and
+    gloo can abort at interpreter exit when it is left initialised (terminate called without an active exception)."""
+    from _proc import ENV
+
+    script = tmp_path / "pg.py"
+    script.write_text(PG_SCRIPT)
+    env = {**ENV, "PG_FILE": str(tmp_path / "store"), "PG_END": end}
+    proc = run([sys.executable, "-m", "hf_metaoptimize.launch", str(script)], env=env, timeout=120)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "initialized at exit: False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert ("RuntimeError: boom" in proc.stderr) == (end == "raise")
