@@ -84,6 +84,8 @@ def main() -> None:
                 else:  # element granularity: summarize the tensors
                     flat = torch.cat([s.flatten() for row in inner.step_sizes() for s in row])
                     stats = f"step size median {flat.median():.2e}"
+                skipped = inner.skipped_steps()  # warns (once, and on a stall) if steps were skipped as inf/NaN
+                stats += f"  skipped {skipped}" if skipped else ""
                 accelerator.print(f"step {step:4d}  loss {loss.item():.4f}  {stats}")
             if step >= args.steps:
                 break
@@ -106,6 +108,8 @@ def main() -> None:
     if args.checkpoint_dir:
         accelerator.save_state(args.checkpoint_dir)
         accelerator.print(f"saved state (weights, optimizer incl. learned step sizes) to {args.checkpoint_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: a multi-process run then exits cleanly
 
 
 if __name__ == "__main__":

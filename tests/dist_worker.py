@@ -219,14 +219,17 @@ def check_fsdp2_resume(args, model, opt, rank, world) -> list[str]:
     return errors
 
 
-def exit_now(code: int) -> None:
-    """Exit with `code` once the report is written and the process group destroyed, skipping interpreter
-    finalisation: on CPU/gloo a library thread is now and then destroyed there while still joinable, and the rank
-    aborts ("terminate called without an active exception") after all checks passed (seen in CI on ZeRO-1)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def run_main(main) -> None:
+    """Run a worker's `main()` and exit with its status as a normal process. `main` destroys the process group
+    after writing its report (barrier + destroy_process_group); if it raised, the group is destroyed here, so no
+    rank ever reaches interpreter exit with gloo still initialised."""
+    try:
+        code = main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    run_main(main)

@@ -150,4 +150,4 @@ def finish(args, rank, errors) -> int:
 
 
 if __name__ == "__main__":
-    dist_worker.exit_now(main())
+    dist_worker.run_main(main)
