@@ -22,9 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-BASES = ("adamw", "lion", "sgd", "rmsprop")
-METAS = ("lion", "adam")
-GRANULARITIES = ("scalar", "block", "tensor", "element")
+from hf_metaoptimize.spec import BASES, GRANULARITIES, METAS  # the one list of rules
 
 # name -> shape: a tiny transformer block, plus one 3-d tensor.
 PARAM_SHAPES: dict[str, tuple[int, ...]] = {

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
+from hf_metaoptimize import spec
 from hf_metaoptimize.reference import MetaOptimizeReference
 
 SHAPES = [(3, 4), (5,), (2, 3, 2)]
-BASES = ["adamw", "lion", "sgd", "rmsprop"]
+BASES = list(spec.BASES)
 GRANULARITIES = ["scalar", "block", "tensor", "element"]
 STEPS = 40
 

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from .optim_args import OPTIM_ARGS
+from .optim_args import BASES, GRANULARITIES, METAS, OPTIM_ARGS
 from .registry import (
     _DefaultFloat,
     _DefaultStr,
@@ -45,6 +45,11 @@ __all__ = [
 logger = logging.getLogger("hf_metaoptimize")
 
 register()
+
+
+def _default(key: str) -> Any:
+    """The typed flag's default: the --optim_args schema's, which reads hf_metaoptimize.spec.DEFAULTS."""
+    return OPTIM_ARGS[key].default
 
 
 def _help(key: str) -> str:
@@ -81,22 +86,24 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
             "Lion and RMSProp bases of MetaOptimize."
         },
     )
-    metaoptimize_base: Literal["adamw", "lion", "sgd", "rmsprop"] | None = field(
+    metaoptimize_base: Literal[BASES] | None = field(
         default=None, metadata={"help": _help("base") + "; default: from --optim"}
     )
-    metaoptimize_meta: Literal["lion", "adam"] = field(default="lion", metadata={"help": _help("meta")})
-    metaoptimize_granularity: Literal["scalar", "layer", "tensor", "element"] = field(
-        default="scalar", metadata={"help": _help("granularity")}
+    metaoptimize_meta: Literal[METAS] = field(default=_default("meta"), metadata={"help": _help("meta")})
+    metaoptimize_granularity: Literal[GRANULARITIES] = field(
+        default=_default("granularity"), metadata={"help": _help("granularity")}
     )
-    metaoptimize_meta_lr: float = field(default=1e-3, metadata={"help": _help("meta_lr")})
-    metaoptimize_gamma: float = field(default=1.0, metadata={"help": _help("gamma")})
+    metaoptimize_meta_lr: float = field(default=_default("meta_lr"), metadata={"help": _help("meta_lr")})
+    metaoptimize_gamma: float = field(default=_default("gamma"), metadata={"help": _help("gamma")})
     metaoptimize_meta_beta1: float | None = field(default=None, metadata={"help": _help("meta_beta1")})
     metaoptimize_meta_beta2: float | None = field(default=None, metadata={"help": _help("meta_beta2")})
     metaoptimize_meta_eps: float | None = field(default=None, metadata={"help": _help("meta_eps")})
-    metaoptimize_log_step_min: float = field(default=-14.0, metadata={"help": _help("log_step_min")})
-    metaoptimize_log_step_max: float = field(default=14.0, metadata={"help": _help("log_step_max")})
-    metaoptimize_skip_nonfinite: bool = field(default=True, metadata={"help": _help("skip_nonfinite")})
-    metaoptimize_fused: bool = field(default=False, metadata={"help": _help("fused")})
+    metaoptimize_log_step_min: float = field(default=_default("log_step_min"), metadata={"help": _help("log_step_min")})
+    metaoptimize_log_step_max: float = field(default=_default("log_step_max"), metadata={"help": _help("log_step_max")})
+    metaoptimize_skip_nonfinite: bool = field(
+        default=_default("skip_nonfinite"), metadata={"help": _help("skip_nonfinite")}
+    )
+    metaoptimize_fused: bool = field(default=_default("fused"), metadata={"help": _help("fused")})
     metaoptimize_plot: bool = field(
         default=True,
         metadata={"help": "MetaOptimizeTrainer writes OUTPUT_DIR/step_sizes.png at the end of training."},
