@@ -92,17 +92,19 @@ def test_optimizer_cls_and_kwargs_route_gets_a_constant_schedule(tmp_path):
     assert isinstance(inner(trainer.optimizer), MetaOptimize)
     assert trainer.args.lr_scheduler_type == "constant"
     assert "step_size" in trainer.state.log_history[0]
-    assert run(lr_scheduler_type="linear").args.lr_scheduler_type == "linear"  # named: kept
+    assert run(lr_scheduler_type="linear").args.lr_scheduler_type == "constant"  # the default: the same rule
+    assert run(lr_scheduler_type="cosine").args.lr_scheduler_type == "cosine"  # another schedule: kept
     assert run(warmup_steps=2).args.lr_scheduler_type == "constant_with_warmup"
 
 
 def test_a_named_schedule_multiplies_the_learned_step_size(tmp_path):
-    trainer = _tiny.make_trainer(tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="linear",
+    trainer = _tiny.make_trainer(tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="polynomial",
                                  optim_args="meta_lr=0")
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    # learning_rate: the lr of the logged step (read before the scheduler steps); step_size uses the same lr
-    assert [e["learning_rate"] for e in logs] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    # learning_rate: the lr of the logged step (read before the scheduler steps); step_size uses the same lr.
+    # polynomial (power 1, lr_end 1e-7): the linear decay on top of the learned step size
+    assert [e["learning_rate"] for e in logs] == pytest.approx([1e-7 + (1e-3 - 1e-7) * (1 - t / 4) for t in range(4)])
     assert [e["step_size"] for e in logs] == pytest.approx([e["learning_rate"] for e in logs])  # meta_lr=0
 
 

@@ -2,7 +2,7 @@
 processes that the launcher did not start.
 
 `install()` puts a post-import hook on `sys.meta_path`: when `transformers.training_args`,
-`transformers.hf_argparser`, `transformers.trainer_optimizer` or `transformers.trainer` finishes loading, the
+`transformers.trainer_optimizer` or `transformers.trainer` finishes loading, the
 matching part of `hf_metaoptimize.register()` is applied to it. Nothing is imported before the user's script
 imports transformers, so scripts that set `HF_HOME`, `TRANSFORMERS_VERBOSITY`, ... before importing
 transformers behave as without us.
@@ -31,7 +31,6 @@ ENV = "HF_METAOPTIMIZE_AUTOREGISTER"
 PTH_NAME = "hf_metaoptimize_autoregister.pth"
 TARGETS = (
     "transformers.training_args",
-    "transformers.hf_argparser",
     "transformers.trainer_optimizer",
     "transformers.trainer",
 )

@@ -242,7 +242,7 @@ def base_betas(base: str, beta1: float, beta2: float) -> tuple[float, ...]:
 
     adamw: (beta1, beta2) = (rho, lambda); lion: (beta1, beta2) = (c, rho); sgd: (beta1,) = momentum rho;
     rmsprop: (beta2,) = lambda. Callers substitute the base's own default for a coefficient the user did not
-    name (registry.resolve_training_args does that once, when the arguments are parsed).
+    name (registry.apply_defaults does that once, when the arguments are built).
     """
     if base in ("adamw", "lion"):
         return (float(beta1), float(beta2))

@@ -25,8 +25,6 @@ from transformers.training_args import OptimizerNames
 
 from .optim_args import BASES, GRANULARITIES, METAS, OPTIM_ARGS
 from .registry import (
-    _DefaultFloat,
-    _DefaultStr,
     build_optimizer_cls_and_kwargs,
     find_metaoptimize,
     register,
@@ -61,8 +59,8 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
     """TrainingArguments with `--optim metaoptimize` as the default and typed `--metaoptimize_*` flags.
 
     The typed flags are defaults for the `--optim_args` keys of the same name; giving one key both ways with
-    different values is an error. With no `--lr_scheduler_type` a MetaOptimize run uses a constant schedule
-    (with warmup when `--warmup_steps` > 0): the learned step size is the schedule.
+    different values is an error. At the Trainer's default `--lr_scheduler_type linear` a MetaOptimize run uses a
+    constant schedule (with warmup when `--warmup_steps` > 0): the learned step size is the schedule.
     """
 
     optim: OptimizerNames | str = field(
@@ -73,17 +71,18 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
         },
     )
     lr_scheduler_type: SchedulerType | str = field(
-        default=_DefaultStr("linear"),
+        default="linear",
         metadata={
-            "help": "LR schedule; for MetaOptimize it multiplies the learned step size. Not given: constant "
-            "(constant_with_warmup with --warmup_steps) for MetaOptimize, linear otherwise."
+            "help": "LR schedule. For MetaOptimize the Trainer's default 'linear' means constant "
+            "(constant_with_warmup with --warmup_steps): the learned step size is the schedule; any other schedule "
+            "multiplies the learned step size ('polynomial' for a linear decay on top of it)."
         },
     )
     adam_beta2: float = field(
-        default=_DefaultFloat(0.999),
+        default=0.999,
         metadata={
-            "help": "AdamW's beta2, Lion's rho, RMSProp's lambda. Not given: 0.999 for AdamW, 0.99 for the "
-            "Lion and RMSProp bases of MetaOptimize."
+            "help": "AdamW's beta2, Lion's rho, RMSProp's lambda. At the AdamW default 0.999 the Lion and RMSProp "
+            "bases of MetaOptimize use their own 0.99."
         },
     )
     metaoptimize_base: Literal[BASES] | None = field(
