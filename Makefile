@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: env test demo bench bench-quick clean
+.PHONY: env test lint demo bench bench-quick clean
 
 env: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+# ruff check + ruff format --check, configured in pyproject.toml ([tool.ruff])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

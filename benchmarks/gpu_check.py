@@ -35,9 +35,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("overflow", "fsdp2_resume", "ds_zero2_bf16", "step")
-TRAIN_ARGS = ["--optim", "metaoptimize", "--optim_args", "granularity=layer,meta_lr=0.05", "--learning_rate", "1e-3",
-              "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none",
-              "--disable_tqdm", "true", "--seed", "0"]
+TRAIN_ARGS = [
+    "--optim",
+    "metaoptimize",
+    "--optim_args",
+    "granularity=layer,meta_lr=0.05",
+    "--learning_rate",
+    "1e-3",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--seed",
+    "0",
+]
 
 
 # ---------------------------------------------------------------------------- the training script (child)
@@ -52,8 +67,9 @@ def tiny_model_and_data(n: int = 256):
     stride = torch.randint(1, 4, (n, 1), generator=g)
     ids = (start + stride * torch.arange(seq)) % vocab
     data = [{"input_ids": row, "labels": row} for row in ids]
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab, n_positions=seq, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=vocab, n_positions=seq, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config), data
 
 
@@ -78,9 +94,20 @@ def overflow_main(out: Path, cpu: bool) -> dict:
 
     hf_metaoptimize.register()
     precision = {"bf16": True, "use_cpu": True} if cpu else {"fp16": True}
-    args = TrainingArguments(output_dir=str(out), optim="metaoptimize", optim_args="granularity=layer,meta_lr=0.05",
-                             learning_rate=1e-3, per_device_train_batch_size=8, max_steps=6, logging_steps=1,
-                             report_to="none", save_strategy="no", disable_tqdm=True, seed=0, **precision)
+    args = TrainingArguments(
+        output_dir=str(out),
+        optim="metaoptimize",
+        optim_args="granularity=layer,meta_lr=0.05",
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        max_steps=6,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **precision,
+    )
     model, data = tiny_model_and_data()
     result: dict = {}
 
@@ -116,8 +143,11 @@ def overflow_main(out: Path, cpu: bool) -> dict:
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     expect_counter = [1.0] if cpu else [0.0]  # with a scaler, optimizer.step() never ran
-    ok = (result.get("changed") == [] and result.get("nonfinite_steps_added") == expect_counter
-          and all(math.isfinite(x) for x in losses[3:]))
+    ok = (
+        result.get("changed") == []
+        and result.get("nonfinite_steps_added") == expect_counter
+        and all(math.isfinite(x) for x in losses[3:])
+    )
     if not cpu:
         ok = ok and result["scale_after"] < result["scale_before"]
     return {"ok": ok, **result, "losses": losses}
@@ -136,8 +166,19 @@ def _logs(out: Path) -> dict[int, dict]:
 
 
 def check_overflow(out: Path, cpu: bool) -> dict:
-    rc, tail = _run([sys.executable, "-m", "benchmarks.gpu_check", "--child", "overflow", "--out", out,
-                     *(["--cpu"] if cpu else [])], 600)
+    rc, tail = _run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_check",
+            "--child",
+            "overflow",
+            "--out",
+            out,
+            *(["--cpu"] if cpu else []),
+        ],
+        600,
+    )
     path = out / "overflow.json"
     return json.loads(path.read_text()) if path.exists() else {"ok": False, "rc": rc, "tail": tail}
 
@@ -150,8 +191,20 @@ def check_fsdp2_resume(out: Path, cpu: bool) -> dict:
     cfg["mixed_precision"] = "no" if cpu else "bf16"
     cfg_path = out / "fsdp2_1proc.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg_path, "--main_process_port",
-              "29517", "-m", "hf_metaoptimize.launch", "benchmarks/gpu_check.py", "--child", "train"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        cfg_path,
+        "--main_process_port",
+        "29517",
+        "-m",
+        "hf_metaoptimize.launch",
+        "benchmarks/gpu_check.py",
+        "--child",
+        "train",
+    ]
     common = [*TRAIN_ARGS, "--max_steps", "8", "--save_steps", "4", *(["--use_cpu"] if cpu else [])]
     rc1, tail1 = _run([*launch, "--output_dir", out / "full", *common], 600)
     if rc1 != 0:
@@ -167,8 +220,13 @@ def check_fsdp2_resume(out: Path, cpu: bool) -> dict:
     files = sorted(p.name for p in ckpt.iterdir())
     # accelerate writes FSDP checkpoints as pytorch_model_fsdp_0/ and optimizer_0/ (sharded, via DCP)
     sharded = any("fsdp" in f for f in files)
-    return {"ok": rel < 1e-3 and (sharded or cpu), "max_rel_diff_steps_5_8": rel, "bitwise": bitwise,
-            "fsdp_sharded_checkpoint": sharded, "checkpoint_files": files}
+    return {
+        "ok": rel < 1e-3 and (sharded or cpu),
+        "max_rel_diff_steps_5_8": rel,
+        "bitwise": bitwise,
+        "fsdp_sharded_checkpoint": sharded,
+        "checkpoint_files": files,
+    }
 
 
 def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
@@ -176,10 +234,30 @@ def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
         import deepspeed  # noqa: F401
     except ImportError:
         return {"ok": False, "skipped": "deepspeed is not importable (carry a wheel: docs/gpu_check.md)"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29518",
-           "-m", "hf_metaoptimize.launch", "benchmarks/gpu_check.py", "--child", "train", *TRAIN_ARGS,
-           "--output_dir", out / "ds", "--max_steps", "6", "--save_strategy", "no",
-           "--deepspeed", ROOT / "examples" / "configs" / "ds_zero2.json", *(["--use_cpu"] if cpu else ["--bf16"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        "29518",
+        "-m",
+        "hf_metaoptimize.launch",
+        "benchmarks/gpu_check.py",
+        "--child",
+        "train",
+        *TRAIN_ARGS,
+        "--output_dir",
+        out / "ds",
+        "--max_steps",
+        "6",
+        "--save_strategy",
+        "no",
+        "--deepspeed",
+        ROOT / "examples" / "configs" / "ds_zero2.json",
+        *(["--use_cpu"] if cpu else ["--bf16"]),
+    ]
     rc, tail = _run(cmd, 600, env={"DS_ACCELERATOR": "cpu"} if cpu else None)
     if rc != 0:
         return {"ok": False, "tail": tail}
@@ -187,15 +265,34 @@ def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
     last = logs[max(logs)]
     blocks = sorted(k for k in last if k.startswith("step_size/transformer"))
     ok = len(blocks) == 2 and all(math.isfinite(e["loss"]) for e in logs.values())
-    return {"ok": ok, "blocks": blocks, "losses": [logs[s]["loss"] for s in sorted(logs)],
-            "last_step_sizes": {k: last[k] for k in last if k.startswith("step_size")}}
+    return {
+        "ok": ok,
+        "blocks": blocks,
+        "losses": [logs[s]["loss"] for s in sorted(logs)],
+        "last_step_sizes": {k: last[k] for k in last if k.startswith("step_size")},
+    }
 
 
 def check_step(out: Path, cpu: bool) -> dict:
     weights, device = ("2e6", "cpu") if cpu else ("100e6", "cuda")
-    rc, tail = _run([sys.executable, "benchmarks/bench_step.py", "--device", device, "--weights", weights,
-                     "--rounds", "3" if cpu else "20", "--warmup", "1" if cpu else "3",
-                     "--json", out / "step.json", *(["--no-fused"] if cpu else [])], 900)
+    rc, tail = _run(
+        [
+            sys.executable,
+            "benchmarks/bench_step.py",
+            "--device",
+            device,
+            "--weights",
+            weights,
+            "--rounds",
+            "3" if cpu else "20",
+            "--warmup",
+            "1" if cpu else "3",
+            "--json",
+            out / "step.json",
+            *(["--no-fused"] if cpu else []),
+        ],
+        900,
+    )
     if rc != 0:
         return {"ok": False, "tail": tail}
     return {"ok": True, **json.loads((out / "step.json").read_text())}
@@ -218,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    env = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-           "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     if not args.cpu and not env["cuda"]:
         print("no CUDA device: run with --cpu for a dry run", file=sys.stderr)
         return 2

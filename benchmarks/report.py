@@ -30,9 +30,17 @@ TASK_TITLES = {
 METRIC = {"digits": "test NLL", "shakespeare": "val loss", "lora": "test NLL"}
 NOTES = Path(__file__).with_name("page_notes.md")
 COLORS = {
-    "adamw_fixed": "tab:gray", "adamw_cosine": "black", "lion_cosine": "tab:brown", "sf_adamw": "tab:olive",
-    "prodigy": "tab:pink", "dadapt_adam": "tab:cyan", "mo_adamw_scalar": "tab:blue", "mo_adamw_tensor": "tab:green",
-    "mo_adamw_layer": "tab:purple", "mo_lion_scalar": "tab:orange", "mo_lion_tensor": "tab:red",
+    "adamw_fixed": "tab:gray",
+    "adamw_cosine": "black",
+    "lion_cosine": "tab:brown",
+    "sf_adamw": "tab:olive",
+    "prodigy": "tab:pink",
+    "dadapt_adam": "tab:cyan",
+    "mo_adamw_scalar": "tab:blue",
+    "mo_adamw_tensor": "tab:green",
+    "mo_adamw_layer": "tab:purple",
+    "mo_lion_scalar": "tab:orange",
+    "mo_lion_tensor": "tab:red",
     "mo_lion_layer": "gold",
 }
 
@@ -82,13 +90,20 @@ def aggregate(recs: list[dict], task: str, purpose_in=("main",)) -> dict[str, li
         runs.sort(key=lambda r: r["seed"])
         loss, std = _stats([_loss(r) for r in runs])
         accs = [r["final"].get("accuracy") for r in runs if r["final"].get("accuracy") is not None]
-        out[contender].append({
-            "contender": contender, "spec": runs[0]["optimizer"], "lr": runs[0]["optimizer"].get("lr"),
-            "runs": runs, "seeds": [r["seed"] for r in runs], "loss": loss, "std": std,
-            "acc": statistics.fmean(accs) if accs else None,
-            "wall_s": statistics.fmean([r.get("wall_s", math.nan) for r in runs]),
-            "diverged": sum(bool(r["diverged"]) for r in runs),
-        })
+        out[contender].append(
+            {
+                "contender": contender,
+                "spec": runs[0]["optimizer"],
+                "lr": runs[0]["optimizer"].get("lr"),
+                "runs": runs,
+                "seeds": [r["seed"] for r in runs],
+                "loss": loss,
+                "std": std,
+                "acc": statistics.fmean(accs) if accs else None,
+                "wall_s": statistics.fmean([r.get("wall_s", math.nan) for r in runs]),
+                "diverged": sum(bool(r["diverged"]) for r in runs),
+            }
+        )
     return out
 
 
@@ -123,8 +138,15 @@ def task_summary(recs: list[dict], task: str, suite: str) -> dict[str, Any]:
     default = rows.get(suites.MO_DEFAULT_VARIANT)
     ratio = (default["loss"] / ref["loss"]) if (ref and default and ref["loss"] > 0) else None
     sens = sensitivity(recs, task)
-    return {"rows": rows, "grids": grids, "reference": ref, "default": default, "ratio": ratio,
-            "sensitivity": sens, "grid_seeds": grid_seeds}
+    return {
+        "rows": rows,
+        "grids": grids,
+        "reference": ref,
+        "default": default,
+        "ratio": ratio,
+        "sensitivity": sens,
+        "grid_seeds": grid_seeds,
+    }
 
 
 def sensitivity(recs: list[dict], task: str) -> dict[str, dict]:
@@ -136,8 +158,9 @@ def sensitivity(recs: list[dict], task: str) -> dict[str, dict]:
     for contender in wanted:
         settings = allr.get(contender, [])
         if contender.startswith("mo_"):  # only the frozen-default setting swept over lr
-            settings = [s for s in settings if all(s["spec"].get(k) == v for k, v in suites.MO_DEFAULTS.items()
-                                                   if k != "lr")]
+            settings = [
+                s for s in settings if all(s["spec"].get(k) == v for k, v in suites.MO_DEFAULTS.items() if k != "lr")
+            ]
         points = {s["lr"]: s for s in settings}
         if len(points) < 3:
             continue
@@ -195,8 +218,15 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-ORDER = ["adamw_cosine", "adamw_fixed", "lion_cosine", "sf_adamw", "prodigy", "dadapt_adam",
-         *[suites.mo_name(b, g) for b in suites.MO_BASES for g in suites.MO_GRANULARITIES]]
+ORDER = [
+    "adamw_cosine",
+    "adamw_fixed",
+    "lion_cosine",
+    "sf_adamw",
+    "prodigy",
+    "dadapt_adam",
+    *[suites.mo_name(b, g) for b in suites.MO_BASES for g in suites.MO_GRANULARITIES],
+]
 
 
 def contender_table(task: str, ts: dict) -> str:
@@ -353,8 +383,7 @@ def plot_step_sizes(task: str, ts: dict, path: Path) -> bool:
         for key, vals in series.items():
             pts = [(s, v) for s, v in zip(trace["step"], vals) if v is not None]
             if pts:
-                ax.plot(*zip(*pts), lw=0.8 if many else 1.4, alpha=0.6 if many else 0.95,
-                        label=None if many else key)
+                ax.plot(*zip(*pts), lw=0.8 if many else 1.4, alpha=0.6 if many else 0.95, label=None if many else key)
         ax.set_yscale("log")
         ax.set_title(f"{c} (alpha0 {fmt_lr(run['optimizer']['lr'])})", fontsize=9)
         ax.set_xlabel("step")
@@ -391,8 +420,14 @@ def plot_step_sizes(task: str, ts: dict, path: Path) -> bool:
 # overhead
 # ---------------------------------------------------------------------------------------------------------
 
-STEP_GOALS = {"mo_scalar": 1.35, "mo_tensor": 1.35, "mo_element": 2.0,
-              "mo_scalar_fused": 1.35, "mo_tensor_fused": 1.35, "mo_element_fused": 2.0}
+STEP_GOALS = {
+    "mo_scalar": 1.35,
+    "mo_tensor": 1.35,
+    "mo_element": 2.0,
+    "mo_scalar_fused": 1.35,
+    "mo_tensor_fused": 1.35,
+    "mo_element_fused": 2.0,
+}
 
 
 def overhead_section(out: Path) -> tuple[str, dict]:
@@ -405,31 +440,57 @@ def overhead_section(out: Path) -> tuple[str, dict]:
         for r in s["rows"]:
             goal = STEP_GOALS.get(r["optimizer"])
             verdict = "-" if goal is None else (f"<= {goal:g}: " + ("met" if r["ratio"] <= goal else "**missed**"))
-            rows.append([r["optimizer"], f"{r['median_ms']:.1f}", f"{r['ratio']:.2f}", verdict,
-                         f"{r['state_bytes'] / 1e6:.1f}", f"{r['extra_bytes_per_weight']:.2f}"])
+            rows.append(
+                [
+                    r["optimizer"],
+                    f"{r['median_ms']:.1f}",
+                    f"{r['ratio']:.2f}",
+                    verdict,
+                    f"{r['state_bytes'] / 1e6:.1f}",
+                    f"{r['extra_bytes_per_weight']:.2f}",
+                ]
+            )
         parts.append(
             f"**Optimizer step** (`benchmarks/bench_step.py`): {s['weights'] / 1e6:.1f}M weights in {s['tensors']} "
-            f"transformer-shaped tensors, {s['threads']} thread, torch {s['torch']}, A/B interleaved rounds, medians.\n\n"
-            + md_table(["optimizer", "median ms", "x AdamW(foreach)", "goal", "state MB", "extra bytes / weight"], rows))
+            f"transformer-shaped tensors, {s['threads']} thread, torch {s['torch']}, "
+            "A/B interleaved rounds, medians.\n\n"
+            + md_table(["optimizer", "median ms", "x AdamW(foreach)", "goal", "state MB", "extra bytes / weight"], rows)
+        )
     tr = out / "overhead" / "trainer_step.json"
     if tr.exists():
         t = json.loads(tr.read_text())
         data["trainer"] = t
         rows = []
         for r in t["rows"]:
-            goal = "" if r["optimizer"] == "adamw_torch" else ("<= 1.05: " + ("met" if r["ratio"] <= 1.05 else "**missed**"))
+            goal = (
+                ""
+                if r["optimizer"] == "adamw_torch"
+                else ("<= 1.05: " + ("met" if r["ratio"] <= 1.05 else "**missed**"))
+            )
             rr = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
-            rows.append([r["optimizer"], f"{r['median_ms']:.1f}", f"{r['ratio']:.3f}", goal,
-                         f"{r.get('optimizer_step_ms', float('nan')):.2f}", rr])
+            rows.append(
+                [
+                    r["optimizer"],
+                    f"{r['median_ms']:.1f}",
+                    f"{r['ratio']:.3f}",
+                    goal,
+                    f"{r.get('optimizer_step_ms', float('nan')):.2f}",
+                    rr,
+                ]
+            )
         m = t["model"]
         parts.append(
-            f"**Trainer step** (`benchmarks/bench_trainer_step.py`): the Shakespeare GPT-2 ({t['parameters'] / 1e3:.0f}k "
+            "**Trainer step** (`benchmarks/bench_trainer_step.py`): the Shakespeare GPT-2 "
+            f"({t['parameters'] / 1e3:.0f}k "
             f"weights, {m['n_layer']} layers, d={m['n_embd']}, batch {m['batch_size']} x {m['context']} tokens), "
             f"`--optim metaoptimize` vs `--optim adamw_torch`, {t['rounds']} interleaved rounds x "
             f"{t['steps_per_chunk']} steps (first {t['skip']} of each dropped), median time from step begin to step "
             "end (data, forward, backward, clipping, optimizer, scheduler).\n\n"
-            + md_table(["--optim", "median ms", "x adamw_torch", "goal", "of which optimizer.step() ms",
-                        "per-round ratios"], rows))
+            + md_table(
+                ["--optim", "median ms", "x adamw_torch", "goal", "of which optimizer.step() ms", "per-round ratios"],
+                rows,
+            )
+        )
     return "\n\n".join(parts), data
 
 
@@ -439,8 +500,17 @@ def overhead_section(out: Path) -> tuple[str, dict]:
 
 
 def _headline(summaries: dict[str, dict]) -> str:
-    header = ["task", "metric", "AdamW + cosine, tuned", "MetaOptimize default", "ratio", "best MetaOptimize variant",
-              "Schedule-Free", "Prodigy", "D-Adapt Adam"]
+    header = [
+        "task",
+        "metric",
+        "AdamW + cosine, tuned",
+        "MetaOptimize default",
+        "ratio",
+        "best MetaOptimize variant",
+        "Schedule-Free",
+        "Prodigy",
+        "D-Adapt Adam",
+    ]
     rows = []
     for task, ts in summaries.items():
         ref, default = ts["reference"], ts["default"]
@@ -453,12 +523,19 @@ def _headline(summaries: dict[str, dict]) -> str:
             acc = f" / {r['acc']:.3f}" if r["acc"] is not None else ""
             return fmt(r["loss"]) + acc
 
-        rows.append([
-            task, METRIC[task] + (" / acc" if ref and ref["acc"] is not None else ""),
-            cell(ref) + (f" (lr {fmt_lr(ref['lr'])})" if ref else ""), cell(default), fmt(ts["ratio"], 3),
-            (f"{best_mo[0]}: {cell(best_mo[1])}" if best_mo else "-"),
-            cell(ts["rows"].get("sf_adamw")), cell(ts["rows"].get("prodigy")), cell(ts["rows"].get("dadapt_adam")),
-        ])
+        rows.append(
+            [
+                task,
+                METRIC[task] + (" / acc" if ref and ref["acc"] is not None else ""),
+                cell(ref) + (f" (lr {fmt_lr(ref['lr'])})" if ref else ""),
+                cell(default),
+                fmt(ts["ratio"], 3),
+                (f"{best_mo[0]}: {cell(best_mo[1])}" if best_mo else "-"),
+                cell(ts["rows"].get("sf_adamw")),
+                cell(ts["rows"].get("prodigy")),
+                cell(ts["rows"].get("dadapt_adam")),
+            ]
+        )
     return md_table(header, rows)
 
 
@@ -466,8 +543,12 @@ def _invocations(run_log: dict) -> str:
     inv = run_log.get("invocations", [])
     if len(inv) <= 1:
         return ""
-    parts = " + ".join(f"{i['total_s'] / 60:.0f} min ({i.get('runs_executed', '?')} runs"
-                       + (f"; {i['note']}" if i.get("note") else "") + ")" for i in inv)
+    parts = " + ".join(
+        f"{i['total_s'] / 60:.0f} min ({i.get('runs_executed', '?')} runs"
+        + (f"; {i['note']}" if i.get("note") else "")
+        + ")"
+        for i in inv
+    )
     return f"; resumed, {len(inv)} invocations: {parts}"
 
 
@@ -480,9 +561,11 @@ def _protocol(recs: list[dict], suite: str) -> str:
         r = rs[0]
         cfg = {k: v for k, v in r["config"].items() if k not in ("trainer",)}
         shas = {x["data"]["sha256"] for x in rs}
-        lines.append(f"- **{task}**: {r['data']['description']}. Data SHA-256 `{r['data']['sha256'][:16]}...`"
-                     + (" (all runs agree)" if len(shas) == 1 else f" (**{len(shas)} different hashes**)")
-                     + f". Config: `{json.dumps(cfg, default=str)}`.")
+        lines.append(
+            f"- **{task}**: {r['data']['description']}. Data SHA-256 `{r['data']['sha256'][:16]}...`"
+            + (" (all runs agree)" if len(shas) == 1 else f" (**{len(shas)} different hashes**)")
+            + f". Config: `{json.dumps(cfg, default=str)}`."
+        )
     return "\n".join(lines)
 
 
@@ -519,27 +602,38 @@ def build(suite: str, out: Path, docs: Path) -> dict[str, Any]:
         f"Measured on **{machine['cpu']}** ({machine['cores']} cores, shared; every process on 1 thread), "
         f"torch {versions.get('torch')}, transformers {versions.get('transformers')}, peft {versions.get('peft')}, "
         f"schedulefree {versions.get('schedulefree')}, prodigyopt {versions.get('prodigyopt')}, dadaptation "
-        f"{versions.get('dadaptation')}; hf-metaoptimize {versions.get('hf-metaoptimize')} (git {versions.get('git')}). "
-        f"{len(recs)} runs" + (f"; `make bench` took **{run_log['total_s'] / 60:.0f} min** wall "
-                               f"(tasks {run_log.get('tasks_s', 0) / 60:.0f} min with {run_log.get('jobs')} "
-                               f"process(es) side by side, overhead {run_log.get('overhead_s', 0) / 60:.1f} min"
-                               + _invocations(run_log) + ")"
-                               if run_log.get("total_s") else "") + ".")
+        f"{versions.get('dadaptation')}; hf-metaoptimize {versions.get('hf-metaoptimize')} "
+        f"(git {versions.get('git')}). "
+        f"{len(recs)} runs"
+        + (
+            f"; `make bench` took **{run_log['total_s'] / 60:.0f} min** wall "
+            f"(tasks {run_log.get('tasks_s', 0) / 60:.0f} min with {run_log.get('jobs')} "
+            f"process(es) side by side, overhead {run_log.get('overhead_s', 0) / 60:.1f} min"
+            + _invocations(run_log)
+            + ")"
+            if run_log.get("total_s")
+            else ""
+        )
+        + "."
+    )
     md.append("")
-    md.append("Reproduce: `make bench` (all of it, resumable), `make bench-quick` (smoke version, used by the tests), "
-              "`python -m benchmarks.run --suite select` (the sweeps behind the defaults, "
-              "[benchmarks_select.md](benchmarks_select.md)). Every run's JSON (task, optimizer, config, seed, "
-              f"step -> loss, step-size trace, package versions, data SHA-256) is in `{_rel(out)}/<task>/`.")
+    md.append(
+        "Reproduce: `make bench` (all of it, resumable), `make bench-quick` (smoke version, used by the tests), "
+        "`python -m benchmarks.run --suite select` (the sweeps behind the defaults, "
+        "[benchmarks_select.md](benchmarks_select.md)). Every run's JSON (task, optimizer, config, seed, "
+        f"step -> loss, step-size trace, package versions, data SHA-256) is in `{_rel(out)}/<task>/`."
+    )
     md.append("")
     md.append("## Summary")
     md.append("")
     d = suites.MO_DEFAULTS
     md.append(
         f"MetaOptimize runs with ONE frozen setting on every task: initial step size alpha0 = {fmt_lr(d['lr'])}, "
-        f"{d['meta']} meta rule, meta step size {d['meta_lr']:g}, gamma {d['gamma']:g} (\"default\" = AdamW base, "
+        f'{d["meta"]} meta rule, meta step size {d["meta_lr"]:g}, gamma {d["gamma"]:g} ("default" = AdamW base, '
         "scalar step size). The AdamW + cosine reference is the best of a 5-point learning-rate grid chosen on the "
         "reported data (oracle-tuned). Ratio = default MetaOptimize final loss / tuned AdamW + cosine final loss "
-        "(< 1: MetaOptimize better).")
+        "(< 1: MetaOptimize better)."
+    )
     md.append("")
     md.append(_headline(summaries))
     md.append("")
@@ -550,8 +644,10 @@ def build(suite: str, out: Path, docs: Path) -> dict[str, Any]:
                 if s["spread"] is not None:
                     rows.append([task, suites.LABELS.get(c, c).split(" (")[0], fmt(s["spread"], 2)])
         if rows:
-            md.append("Sensitivity spread (max / min final loss over initial step sizes 1e-5, 1e-4, 1e-3, 1e-2; "
-                      "1.00 = insensitive):")
+            md.append(
+                "Sensitivity spread (max / min final loss over initial step sizes 1e-5, 1e-4, 1e-3, 1e-2; "
+                "1.00 = insensitive):"
+            )
             md.append("")
             md.append(md_table(["task", "contender", "spread"], rows))
             md.append("")
@@ -572,16 +668,21 @@ def build(suite: str, out: Path, docs: Path) -> dict[str, Any]:
         md.append("")
         g = grid_table(task, ts)
         if g:
-            seeds_note = ("mean over all seeds" if ts["grid_seeds"] is None else
-                          f"seed {ts['grid_seeds'][0]}; the best point (bold) rerun with the other seeds, (n) = seeds")
+            seeds_note = (
+                "mean over all seeds"
+                if ts["grid_seeds"] is None
+                else f"seed {ts['grid_seeds'][0]}; the best point (bold) rerun with the other seeds, (n) = seeds"
+            )
             md.append(f"Learning-rate grids (final {METRIC[task]}, {seeds_note}):")
             md.append("")
             md.append(g)
             md.append("")
         s = sensitivity_table(task, ts)
         if s:
-            md.append(f"Final {METRIC[task]} vs initial step size (MetaOptimize: alpha0 with the frozen meta settings; "
-                      "AdamW: the learning rate; mean over the seeds every point of a row has):")
+            md.append(
+                f"Final {METRIC[task]} vs initial step size (MetaOptimize: alpha0 with the frozen meta settings; "
+                "AdamW: the learning rate; mean over the seeds every point of a row has):"
+            )
             md.append("")
             md.append(s)
             md.append("")
@@ -614,8 +715,9 @@ def build(suite: str, out: Path, docs: Path) -> dict[str, Any]:
         "lr. Per-layer blocks come from `hf_metaoptimize.layers.layer_param_groups` (one per transformer layer + "
         "embeddings + head; one per Linear layer for the MLP). Every contender sees the same data order, "
         "initialisation, weight decay (on matrices only) and gradient clipping within a task. LoRA runs go through "
-        "`transformers.Trainer`; MetaOptimize there is `optim=\"metaoptimize\"` / `\"metaoptimize_lion\"` with "
-        "`optim_args`, after `hf_metaoptimize.register()`.")
+        '`transformers.Trainer`; MetaOptimize there is `optim="metaoptimize"` / `"metaoptimize_lion"` with '
+        "`optim_args`, after `hf_metaoptimize.register()`."
+    )
     md.append("")
     if NOTES.exists() and suite == "full":
         md.append(NOTES.read_text().strip())
@@ -623,8 +725,12 @@ def build(suite: str, out: Path, docs: Path) -> dict[str, Any]:
     docs.write_text("\n".join(md))
 
     summary = {
-        "suite": suite, "runs": len(recs), "images": images, "mo_defaults": suites.MO_DEFAULTS,
-        "default_variant": suites.MO_DEFAULT_VARIANT, "run_log": run_log,
+        "suite": suite,
+        "runs": len(recs),
+        "images": images,
+        "mo_defaults": suites.MO_DEFAULTS,
+        "default_variant": suites.MO_DEFAULT_VARIANT,
+        "run_log": run_log,
         "tasks": {task: _json_task(ts) for task, ts in summaries.items()},
         "overhead": {
             "step": {r["optimizer"]: r["ratio"] for r in overhead.get("step", {}).get("rows", [])},
@@ -638,17 +744,26 @@ def build(suite: str, out: Path, docs: Path) -> dict[str, Any]:
 
 def _json_task(ts: dict) -> dict:
     def row(r):
-        return {"setting": r["spec"], "final_loss": common.clean_float(r["loss"]) if r["loss"] == r["loss"] else None,
-                "std": None if not math.isfinite(r["std"]) else r["std"], "accuracy": r["acc"], "seeds": r["seeds"],
-                "diverged_runs": r["diverged"]}
+        return {
+            "setting": r["spec"],
+            "final_loss": common.clean_float(r["loss"]) if r["loss"] == r["loss"] else None,
+            "std": None if not math.isfinite(r["std"]) else r["std"],
+            "accuracy": r["acc"],
+            "seeds": r["seeds"],
+            "diverged_runs": r["diverged"],
+        }
 
     return {
         "contenders": {c: row(r) for c, r in ts["rows"].items()},
         "grids": {f: {fmt_lr(s["lr"]): common.clean_float(s["loss"]) for s in g} for f, g in ts["grids"].items()},
         "ratio_default_to_tuned_cosine": ts["ratio"],
-        "sensitivity": {c: {"points": {fmt_lr(k): common.clean_float(v) for k, v in s["points"].items()},
-                            "spread": None if s["spread"] is None else common.clean_float(s["spread"])}
-                        for c, s in ts["sensitivity"].items()},
+        "sensitivity": {
+            c: {
+                "points": {fmt_lr(k): common.clean_float(v) for k, v in s["points"].items()},
+                "spread": None if s["spread"] is None else common.clean_float(s["spread"]),
+            }
+            for c, s in ts["sensitivity"].items()
+        },
     }
 
 
@@ -661,8 +776,10 @@ def _text(summaries: dict[str, dict], overhead: dict) -> str:
         for c in sorted(ts["rows"], key=lambda c: ORDER.index(c) if c in ORDER else 99):
             r = ts["rows"][c]
             ratio = r["loss"] / ref["loss"] if ref and math.isfinite(r["loss"]) else None
-            lines.append(f"{c:<20}{setting_text(r)[:45]:<46}{len(r['seeds']):>6}{fmt(r['loss']):>10}"
-                         f"{fmt(r['acc'], 3):>8}{fmt(ratio, 3):>8}")
+            lines.append(
+                f"{c:<20}{setting_text(r)[:45]:<46}{len(r['seeds']):>6}{fmt(r['loss']):>10}"
+                f"{fmt(r['acc'], 3):>8}{fmt(ratio, 3):>8}"
+            )
         for c, s in ts["sensitivity"].items():
             if s["spread"] is not None:
                 lines.append(f"  sensitivity spread {c}: {fmt(s['spread'], 2)}")
@@ -700,10 +817,19 @@ def select_table(recs: list[dict], task: str) -> tuple[str, list[dict]]:
         finite = [v for v in means.values() if math.isfinite(v)]
         best = min(finite) if finite else math.inf
         worst = max(window) if window else math.nan
-        rows.append({"meta": key[0], "meta_lr": key[1], "gamma": key[2], "points": means, "best": best,
-                     "worst_in_window": worst})
-        table.append([key[0], f"{key[1]:g}", f"{key[2]:g}"] + [fmt(means.get(lr)) for lr in lrs]
-                     + [fmt(best), fmt(worst)])
+        rows.append(
+            {
+                "meta": key[0],
+                "meta_lr": key[1],
+                "gamma": key[2],
+                "points": means,
+                "best": best,
+                "worst_in_window": worst,
+            }
+        )
+        table.append(
+            [key[0], f"{key[1]:g}", f"{key[2]:g}"] + [fmt(means.get(lr)) for lr in lrs] + [fmt(best), fmt(worst)]
+        )
     header = ["meta", "eta", "gamma"] + [fmt_lr(lr) for lr in lrs] + ["best", "worst of window"]
     return md_table(header, table), rows
 
@@ -711,11 +837,13 @@ def select_table(recs: list[dict], task: str) -> tuple[str, list[dict]]:
 def build_select(recs: list[dict], out: Path, docs: Path) -> dict[str, Any]:
     plt = _plt()
     md = ["# Choosing MetaOptimize's frozen defaults: the `select` sweeps", ""]
-    md.append("AdamW base, scalar step size; final loss (digits: test NLL, mean of the seeds; Shakespeare: "
-              "validation loss, seed 0) by meta rule, meta step size eta, trace discount gamma (rows) and initial "
-              "step size alpha0 (columns). \"worst of window\" = the worst final loss over alpha0 in "
-              "[1e-5, 1e-2] that was run. Produced by `python -m benchmarks.run --suite select`; the choice and "
-              "its reasons are in [benchmarks.md](benchmarks.md#how-the-defaults-were-chosen).")
+    md.append(
+        "AdamW base, scalar step size; final loss (digits: test NLL, mean of the seeds; Shakespeare: "
+        "validation loss, seed 0) by meta rule, meta step size eta, trace discount gamma (rows) and initial "
+        'step size alpha0 (columns). "worst of window" = the worst final loss over alpha0 in '
+        "[1e-5, 1e-2] that was run. Produced by `python -m benchmarks.run --suite select`; the choice and "
+        "its reasons are in [benchmarks.md](benchmarks.md#how-the-defaults-were-chosen)."
+    )
     md.append("")
     data = {}
     tasks = [t for t in ("digits", "shakespeare") if any(r["task"] == t for r in recs)]
@@ -730,9 +858,13 @@ def build_select(recs: list[dict], out: Path, docs: Path) -> dict[str, Any]:
         cmap = plt.get_cmap("tab20")
         for i, row in enumerate(rows):
             lrs = sorted(row["points"])
-            ax.plot(lrs, [row["points"][lr] if math.isfinite(row["points"][lr]) else float("nan") for lr in lrs],
-                    "o-" if row["meta"] == "lion" else "s--", color=cmap(i % 20),
-                    label=f"{row['meta']} eta={row['meta_lr']:g} gamma={row['gamma']:g}")
+            ax.plot(
+                lrs,
+                [row["points"][lr] if math.isfinite(row["points"][lr]) else float("nan") for lr in lrs],
+                "o-" if row["meta"] == "lion" else "s--",
+                color=cmap(i % 20),
+                label=f"{row['meta']} eta={row['meta_lr']:g} gamma={row['gamma']:g}",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("alpha0")
@@ -747,10 +879,22 @@ def build_select(recs: list[dict], out: Path, docs: Path) -> dict[str, Any]:
     md.append(f"![select sweeps]({img.name})")
     md.append("")
     docs.write_text("\n".join(md))
-    summary = {"suite": "select", "runs": len(recs), "tasks": {
-        t: [{**r, "points": {fmt_lr(k): common.clean_float(v) for k, v in r["points"].items()},
-             "best": common.clean_float(r["best"]), "worst_in_window": common.clean_float(r["worst_in_window"])}
-            for r in rows] for t, rows in data.items()}}
+    summary = {
+        "suite": "select",
+        "runs": len(recs),
+        "tasks": {
+            t: [
+                {
+                    **r,
+                    "points": {fmt_lr(k): common.clean_float(v) for k, v in r["points"].items()},
+                    "best": common.clean_float(r["best"]),
+                    "worst_in_window": common.clean_float(r["worst_in_window"]),
+                }
+                for r in rows
+            ]
+            for t, rows in data.items()
+        },
+    }
     common.write_json(out / "summary.json", summary)
     summary["text"] = "\n".join(line for line in md if line.startswith(("#", "|")))
     return summary
@@ -763,9 +907,15 @@ def main() -> None:
     ap.add_argument("--docs", default=None)
     a = ap.parse_args()
     out = Path(a.out or common.REPO / "benchmarks" / "results" / a.suite)
-    docs = Path(a.docs) if a.docs else {"full": common.REPO / "docs" / "benchmarks.md",
-                                        "select": common.REPO / "docs" / "benchmarks_select.md",
-                                        "quick": out / "benchmarks.md"}[a.suite]
+    docs = (
+        Path(a.docs)
+        if a.docs
+        else {
+            "full": common.REPO / "docs" / "benchmarks.md",
+            "select": common.REPO / "docs" / "benchmarks_select.md",
+            "quick": out / "benchmarks.md",
+        }[a.suite]
+    )
     print(build(a.suite, out, docs)["text"])
 
 

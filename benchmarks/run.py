@@ -29,10 +29,14 @@ ROOT = common.REPO
 TASK_MODULES = suites.TASK_MODULES
 COST = {"lora": 3, "shakespeare": 2, "digits": 1}  # longest first, so parallel workers finish together
 OVERHEAD = {
-    "full": {"step": ["--weights", "10e6", "--rounds", "30", "--warmup", "3"],
-             "trainer": {"rounds": 6, "steps": 25, "skip": 3}},
-    "quick": {"step": ["--weights", "2e5", "--rounds", "3", "--warmup", "1", "--no-fused"],
-              "trainer": {"rounds": 1, "steps": 4, "skip": 1}},
+    "full": {
+        "step": ["--weights", "10e6", "--rounds", "30", "--warmup", "3"],
+        "trainer": {"rounds": 6, "steps": 25, "skip": 3},
+    },
+    "quick": {
+        "step": ["--weights", "2e5", "--rounds", "3", "--warmup", "1", "--no-fused"],
+        "trainer": {"rounds": 1, "steps": 4, "skip": 1},
+    },
 }
 
 
@@ -137,14 +141,29 @@ def run_overhead(suite: str, out: Path, cache_dir: Path, force: bool) -> None:
     step_json = out / "overhead" / "step.json"
     if force or not step_json.exists():
         print("optimizer step time (benchmarks/bench_step.py) ...", flush=True)
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--threads", "1",
-               "--json", str(step_json), *settings["step"]]
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_step.py"),
+            "--threads",
+            "1",
+            "--json",
+            str(step_json),
+            *settings["step"],
+        ]
         subprocess.run(cmd, check=True, cwd=ROOT)
     trainer_json = out / "overhead" / "trainer_step.json"
     if force or not trainer_json.exists():
         print("Trainer step time (benchmarks/bench_trainer_step.py) ...", flush=True)
-        cmd = [sys.executable, "-m", "benchmarks.bench_trainer_step", "--json", str(trainer_json),
-               "--cache_dir", str(cache_dir), *[f"--{k}={v}" for k, v in settings["trainer"].items()]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_trainer_step",
+            "--json",
+            str(trainer_json),
+            "--cache_dir",
+            str(cache_dir),
+            *[f"--{k}={v}" for k, v in settings["trainer"].items()],
+        ]
         if suite == "quick":
             cmd.append("--quick")
         subprocess.run(cmd, check=True, cwd=ROOT)
@@ -154,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=["full", "quick", "select"], default="full")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<suite>)")
-    ap.add_argument("--docs", default=None,
-                    help="markdown page to write (default: docs/benchmarks.md for full, docs/benchmarks_select.md "
-                         "for select, <out>/benchmarks.md for quick); PNGs go beside it")
+    ap.add_argument(
+        "--docs",
+        default=None,
+        help="markdown page to write (default: docs/benchmarks.md for full, docs/benchmarks_select.md "
+        "for select, <out>/benchmarks.md for quick); PNGs go beside it",
+    )
     ap.add_argument("--tasks", default=None, help="comma-separated subset of digits,shakespeare,lora")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--force", action="store_true", help="rerun runs whose JSON already exists")
@@ -167,9 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     common.single_thread()
     out = Path(args.out or ROOT / "benchmarks" / "results" / args.suite)
     cache_dir = ROOT / "benchmarks" / "results" / "cache"
-    docs = Path(args.docs) if args.docs else {
-        "full": ROOT / "docs" / "benchmarks.md", "select": ROOT / "docs" / "benchmarks_select.md",
-        "quick": out / "benchmarks.md"}[args.suite]
+    docs = (
+        Path(args.docs)
+        if args.docs
+        else {
+            "full": ROOT / "docs" / "benchmarks.md",
+            "select": ROOT / "docs" / "benchmarks_select.md",
+            "quick": out / "benchmarks.md",
+        }[args.suite]
+    )
     tasks = args.tasks.split(",") if args.tasks else None
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -193,22 +221,39 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.build(args.suite, out, docs)
     stages["report_s"] = time.perf_counter() - ts
     total = time.perf_counter() - t0
-    log = {"suite": args.suite, "jobs": args.jobs, "total_s": total, **stages, "finished": common.now(),
-           "runs_executed": executed, "failures": [f["run"]["run_id"] for f in failures],
-           "machine": common.machine()}
+    log = {
+        "suite": args.suite,
+        "jobs": args.jobs,
+        "total_s": total,
+        **stages,
+        "finished": common.now(),
+        "runs_executed": executed,
+        "failures": [f["run"]["run_id"] for f in failures],
+        "machine": common.machine(),
+    }
     if not args.report_only:
         # a resumed suite adds up: the page reports the wall time of every invocation since the last --force
         log_path = out / "run_log.json"
-        previous = json.loads(log_path.read_text()).get("invocations", []) if log_path.exists() and not args.force else []
+        previous = (
+            json.loads(log_path.read_text()).get("invocations", []) if log_path.exists() and not args.force else []
+        )
         invocations = previous + [log]
-        common.write_json(log_path, {**log, "invocations": invocations,
-                                     "total_s": sum(i["total_s"] for i in invocations),
-                                     "tasks_s": sum(i.get("tasks_s", 0) for i in invocations),
-                                     "overhead_s": sum(i.get("overhead_s", 0) for i in invocations)})
+        common.write_json(
+            log_path,
+            {
+                **log,
+                "invocations": invocations,
+                "total_s": sum(i["total_s"] for i in invocations),
+                "tasks_s": sum(i.get("tasks_s", 0) for i in invocations),
+                "overhead_s": sum(i.get("overhead_s", 0) for i in invocations),
+            },
+        )
         summary = report.build(args.suite, out, docs)  # again, so the page shows the updated wall time
     print(summary["text"])
-    print(f"\nwrote {docs} and {out / 'summary.json'}; total {total / 60:.1f} min"
-          + (f"; {len(failures)} FAILED runs: {log['failures']}" if failures else ""))
+    print(
+        f"\nwrote {docs} and {out / 'summary.json'}; total {total / 60:.1f} min"
+        + (f"; {len(failures)} FAILED runs: {log['failures']}" if failures else "")
+    )
     return 1 if failures else 0
 
 

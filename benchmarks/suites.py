@@ -77,9 +77,17 @@ def fingerprint(task: str, spec: dict[str, Any], seed: int, config: dict[str, An
 
 
 def _run(task: str, contender: str, spec: dict[str, Any], seed: int, purpose: str, config: dict[str, Any]) -> dict:
-    return {"task": task, "contender": contender, "label": LABELS.get(contender, contender), "spec": spec,
-            "seed": seed, "purpose": purpose, "config": config, "run_id": run_id(contender, spec, seed),
-            "fingerprint": fingerprint(task, spec, seed, config)}
+    return {
+        "task": task,
+        "contender": contender,
+        "label": LABELS.get(contender, contender),
+        "spec": spec,
+        "seed": seed,
+        "purpose": purpose,
+        "config": config,
+        "run_id": run_id(contender, spec, seed),
+        "fingerprint": fingerprint(task, spec, seed, config),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,25 +97,35 @@ def _run(task: str, contender: str, spec: dict[str, Any], seed: int, purpose: st
 TASKS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "digits": {
-            "config": {}, "seeds": [0, 1, 2], "grid_seeds": "all",
+            "config": {},
+            "seeds": [0, 1, 2],
+            "grid_seeds": "all",
             "adamw_fixed": [1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
             "adamw_cosine": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
             "adamw_cosine_sensitivity": [1e-6, 1e-5, 1e-4],
             "lion_cosine": [1e-4, 3e-4, 1e-3, 3e-3],
-            "mo_variants": "all", "mo_sensitivity": ["mo_adamw_scalar", "mo_lion_scalar"],
-            "mo_sensitivity_lrs": DECADES, "lr_free": list(LR_FREE),
+            "mo_variants": "all",
+            "mo_sensitivity": ["mo_adamw_scalar", "mo_lion_scalar"],
+            "mo_sensitivity_lrs": DECADES,
+            "lr_free": list(LR_FREE),
         },
         "shakespeare": {
-            "config": {}, "seeds": [0, 1], "grid_seeds": [0],
+            "config": {},
+            "seeds": [0, 1],
+            "grid_seeds": [0],
             "adamw_fixed": [1e-5, 1e-4, 1e-3, 3e-3, 1e-2],
             "adamw_cosine": [1e-3, 2e-3, 5e-3, 1e-2, 2e-2],
             "lion_cosine": [1e-4, 3e-4, 1e-3, 3e-3],
-            "mo_variants": "all", "mo_sensitivity": ["mo_adamw_scalar"],
-            "mo_sensitivity_lrs": [1e-5, 1e-4, 1e-3, 1e-2], "mo_sensitivity_seeds": [0],
+            "mo_variants": "all",
+            "mo_sensitivity": ["mo_adamw_scalar"],
+            "mo_sensitivity_lrs": [1e-5, 1e-4, 1e-3, 1e-2],
+            "mo_sensitivity_seeds": [0],
             "lr_free": list(LR_FREE),
         },
         "lora": {
-            "config": {}, "seeds": [0, 1], "grid_seeds": [0],
+            "config": {},
+            "seeds": [0, 1],
+            "grid_seeds": [0],
             "adamw_cosine": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
             "mo_variants": ["mo_adamw_scalar", "mo_adamw_tensor", "mo_adamw_layer", "mo_lion_scalar"],
             "lr_free": list(LR_FREE),
@@ -115,22 +133,50 @@ TASKS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "quick": {
         "digits": {
-            "config": {"steps": 60, "eval_every": 20}, "seeds": [0], "grid_seeds": "all",
-            "adamw_fixed": [1e-3], "adamw_cosine": [1e-2], "lion_cosine": [3e-4],
-            "mo_variants": ["mo_adamw_scalar", "mo_lion_layer"], "mo_sensitivity": ["mo_adamw_scalar"],
-            "mo_sensitivity_lrs": [1e-3], "lr_free": list(LR_FREE),
+            "config": {"steps": 60, "eval_every": 20},
+            "seeds": [0],
+            "grid_seeds": "all",
+            "adamw_fixed": [1e-3],
+            "adamw_cosine": [1e-2],
+            "lion_cosine": [3e-4],
+            "mo_variants": ["mo_adamw_scalar", "mo_lion_layer"],
+            "mo_sensitivity": ["mo_adamw_scalar"],
+            "mo_sensitivity_lrs": [1e-3],
+            "lr_free": list(LR_FREE),
         },
         "shakespeare": {
-            "config": {"steps": 12, "n_layer": 1, "n_embd": 32, "n_head": 2, "batch_size": 4, "context": 32,
-                       "eval_every": 6, "eval_windows": 16, "final_eval_windows": 32},
-            "seeds": [0, 1], "grid_seeds": [0],
-            "adamw_cosine": [1e-3, 1e-2], "mo_variants": ["mo_adamw_layer"], "lr_free": ["prodigy"],
+            "config": {
+                "steps": 12,
+                "n_layer": 1,
+                "n_embd": 32,
+                "n_head": 2,
+                "batch_size": 4,
+                "context": 32,
+                "eval_every": 6,
+                "eval_windows": 16,
+                "final_eval_windows": 32,
+            },
+            "seeds": [0, 1],
+            "grid_seeds": [0],
+            "adamw_cosine": [1e-3, 1e-2],
+            "mo_variants": ["mo_adamw_layer"],
+            "lr_free": ["prodigy"],
         },
         "lora": {
-            "config": {"steps": 3, "batch_size": 4, "max_tokens": 16, "train_per_genre": 4, "test_per_play": 2,
-                       "eval_every": 3, "logging_steps": 1},
-            "seeds": [0], "grid_seeds": [0],
-            "adamw_cosine": [1e-3], "mo_variants": ["mo_adamw_layer"], "lr_free": [],
+            "config": {
+                "steps": 3,
+                "batch_size": 4,
+                "max_tokens": 16,
+                "train_per_genre": 4,
+                "test_per_play": 2,
+                "eval_every": 3,
+                "logging_steps": 1,
+            },
+            "seeds": [0],
+            "grid_seeds": [0],
+            "adamw_cosine": [1e-3],
+            "mo_variants": ["mo_adamw_layer"],
+            "lr_free": [],
         },
     },
 }
@@ -138,7 +184,8 @@ TASKS: dict[str, dict[str, dict[str, Any]]] = {
 # The `select` suite: sweeps of MetaOptimize's own settings (AdamW base, scalar) for choosing the defaults.
 SELECT = {
     "digits": {
-        "config": {}, "seeds": [0, 1],
+        "config": {},
+        "seeds": [0, 1],
         "grid": [
             *[{"meta": m, "meta_lr": e, "gamma": 1.0} for m in ("lion", "adam") for e in (1e-3, 3e-3, 1e-2, 3e-2)],
             *[{"meta": "lion", "meta_lr": 1e-2, "gamma": g} for g in (0.99, 0.999)],
@@ -147,7 +194,8 @@ SELECT = {
         "lrs": DECADES,
     },
     "shakespeare": {
-        "config": {}, "seeds": [0],
+        "config": {},
+        "seeds": [0],
         "grid": [
             *[{"meta": "lion", "meta_lr": e, "gamma": 1.0} for e in (1e-3, 3e-3, 1e-2, 3e-2)],
             {"meta": "adam", "meta_lr": 1e-2, "gamma": 1.0},
@@ -170,15 +218,26 @@ def plan(suite: str, tasks: list[str] | None = None) -> list[dict]:
             continue
         cfg = t["config"]
         grid_seeds = t["seeds"] if t["grid_seeds"] == "all" else t["grid_seeds"]
-        for fam, opt, sched in (("adamw_fixed", "adamw", "constant"), ("adamw_cosine", "adamw", "cosine"),
-                                ("lion_cosine", "lion", "cosine")):
+        for fam, opt, sched in (
+            ("adamw_fixed", "adamw", "constant"),
+            ("adamw_cosine", "adamw", "cosine"),
+            ("lion_cosine", "lion", "cosine"),
+        ):
             for lr in t.get(fam, []):
                 for seed in grid_seeds:
                     runs.append(_run(task, fam, {"optimizer": opt, "lr": lr, "schedule": sched}, seed, "main", cfg))
         for lr in t.get("adamw_cosine_sensitivity", []):
             for seed in grid_seeds:
-                runs.append(_run(task, "adamw_cosine", {"optimizer": "adamw", "lr": lr, "schedule": "cosine"}, seed,
-                                 "sensitivity", cfg))
+                runs.append(
+                    _run(
+                        task,
+                        "adamw_cosine",
+                        {"optimizer": "adamw", "lr": lr, "schedule": "cosine"},
+                        seed,
+                        "sensitivity",
+                        cfg,
+                    )
+                )
         for name in t.get("lr_free", []):
             for seed in t["seeds"]:
                 runs.append(_run(task, name, dict(LR_FREE[name]), seed, "main", cfg))
@@ -211,8 +270,14 @@ def plan_phase_b(suite: str, results: dict[str, dict], tasks: list[str] | None =
         if not extra:
             continue
         for fam in GRID_FAMILIES:
-            cands = [r for r in results.values() if r["task"] == task and r["contender"] == fam
-                     and r["purpose"] == "main" and r["seed"] in t["grid_seeds"]]
+            cands = [
+                r
+                for r in results.values()
+                if r["task"] == task
+                and r["contender"] == fam
+                and r["purpose"] == "main"
+                and r["seed"] in t["grid_seeds"]
+            ]
             if not cands:
                 continue
             best = min(cands, key=lambda r: _loss_key(r))

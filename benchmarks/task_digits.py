@@ -23,8 +23,16 @@ from hf_metaoptimize.layers import layer_param_groups
 
 from . import common, data
 
-DEFAULT_CONFIG = {"steps": 1000, "batch_size": 32, "hidden": 128, "depth": 2, "eval_every": 50, "log_every": 10,
-                  "warmup_frac": 0.05, "weight_decay": 0.0}
+DEFAULT_CONFIG = {
+    "steps": 1000,
+    "batch_size": 32,
+    "hidden": 128,
+    "depth": 2,
+    "eval_every": 50,
+    "log_every": 10,
+    "warmup_frac": 0.05,
+    "weight_decay": 0.0,
+}
 
 
 class MLP(nn.Module):
@@ -109,8 +117,11 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
                 break
     record["wall_s"] = time.perf_counter() - t0
     last_loss = record["eval"]["loss"][-1]
-    record["final"] = {"loss": last_loss if not record["diverged"] else None,
-                       "accuracy": record["eval"]["accuracy"][-1], "step": record["eval"]["step"][-1]}
+    record["final"] = {
+        "loss": last_loss if not record["diverged"] else None,
+        "accuracy": record["eval"]["accuracy"][-1],
+        "step": record["eval"]["step"][-1],
+    }
     record["finished"] = common.now()
     return record
 
@@ -121,8 +132,10 @@ def main() -> None:
     print(f"{'step':>6}{'test NLL':>10}{'acc':>8}  step sizes")
     for i, s in enumerate(rec["eval"]["step"]):
         sizes = {k: v[i] for k, v in list(rec["step_sizes"]["values"].items())[:3]}
-        print(f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}{rec['eval']['accuracy'][i]:>8.3f}  "
-              + " ".join(f"{k}={v:.3g}" for k, v in sizes.items() if v is not None))
+        print(
+            f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}{rec['eval']['accuracy'][i]:>8.3f}  "
+            + " ".join(f"{k}={v:.3g}" for k, v in sizes.items() if v is not None)
+        )
     print(f"final {rec['final']}  ({rec['wall_s']:.1f}s)")
     if a.json:
         common.write_json(a.json, rec)

@@ -24,10 +24,21 @@ from hf_metaoptimize.layers import layer_param_groups
 from . import common, data
 
 DEFAULT_CONFIG = {
-    "steps": 1000, "batch_size": 8, "context": 64, "vocab_size": 1024,
-    "n_layer": 3, "n_embd": 64, "n_head": 4,
-    "eval_every": 100, "log_every": 10, "eval_windows": 256, "final_eval_windows": 1024, "eval_batch": 64,
-    "warmup_frac": 0.05, "weight_decay": 0.1, "clip": 1.0,
+    "steps": 1000,
+    "batch_size": 8,
+    "context": 64,
+    "vocab_size": 1024,
+    "n_layer": 3,
+    "n_embd": 64,
+    "n_head": 4,
+    "eval_every": 100,
+    "log_every": 10,
+    "eval_windows": 256,
+    "final_eval_windows": 1024,
+    "eval_batch": 64,
+    "warmup_frac": 0.05,
+    "weight_decay": 0.1,
+    "clip": 1.0,
 }
 
 
@@ -37,9 +48,16 @@ def build_model(cfg: dict[str, Any], vocab: int, eos: int):
 
     transformers.logging.set_verbosity_error()
     config = GPT2Config(
-        n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_positions=cfg["context"],
-        vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=cfg["n_layer"],
+        n_embd=cfg["n_embd"],
+        n_head=cfg["n_head"],
+        n_positions=cfg["context"],
+        vocab_size=vocab,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
 
@@ -131,16 +149,25 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
         final = do_eval(steps, full)
         record["diverged"] = not math.isfinite(final)
     record["wall_s"] = time.perf_counter() - t0
-    record["train_ms_per_step"] = 1e3 * train_time / max(1, record["train"]["step"][-1] if record["train"]["step"] else 1)
-    record["final"] = {"loss": None if record["diverged"] else record["eval"]["loss"][-1],
-                       "step": record["eval"]["step"][-1], "windows": cfg["final_eval_windows"]}
+    record["train_ms_per_step"] = (
+        1e3 * train_time / max(1, record["train"]["step"][-1] if record["train"]["step"] else 1)
+    )
+    record["final"] = {
+        "loss": None if record["diverged"] else record["eval"]["loss"][-1],
+        "step": record["eval"]["step"][-1],
+        "windows": cfg["final_eval_windows"],
+    }
     record["finished"] = common.now()
     return record
 
 
 def main() -> None:
-    a, run_spec = common.cli_args(__doc__, lr=1e-4, steps=DEFAULT_CONFIG["steps"], extra=[
-        ("--set", {"nargs": "*", "default": [], "help": "config overrides key=value (ints/floats)"})])
+    a, run_spec = common.cli_args(
+        __doc__,
+        lr=1e-4,
+        steps=DEFAULT_CONFIG["steps"],
+        extra=[("--set", {"nargs": "*", "default": [], "help": "config overrides key=value (ints/floats)"})],
+    )
     cfg: dict[str, Any] = {"steps": a.steps}
     for kv in a.set:
         k, v = kv.split("=")
@@ -149,10 +176,14 @@ def main() -> None:
     print(f"{'step':>6}{'val loss':>10}  step sizes")
     for i, s in enumerate(rec["eval"]["step"]):
         sizes = {k: v[i] for k, v in list(rec["step_sizes"]["values"].items())[:3]}
-        print(f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}  "
-              + " ".join(f"{k}={v:.3g}" for k, v in sizes.items() if v is not None))
-    print(f"final {rec['final']}  params {rec['config']['parameters']}  ({rec['wall_s']:.1f}s, "
-          f"{rec['train_ms_per_step']:.1f} ms/step)")
+        print(
+            f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}  "
+            + " ".join(f"{k}={v:.3g}" for k, v in sizes.items() if v is not None)
+        )
+    print(
+        f"final {rec['final']}  params {rec['config']['parameters']}  ({rec['wall_s']:.1f}s, "
+        f"{rec['train_ms_per_step']:.1f} ms/step)"
+    )
     if a.json:
         common.write_json(a.json, rec)
 

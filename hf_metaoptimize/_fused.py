@@ -37,12 +37,32 @@ def clear_cache() -> None:
 
 
 def _kernel(
-    p: Tensor, g: Tensor, h: Tensor, m: Tensor | None, v: Tensor | None,
-    L: Tensor | None, mb: Tensor | None, vb: Tensor | None,
-    scal: Tensor, *,
-    base: str, meta: str, element: bool, sanitize: bool, decay: bool,
-    b1: float, b2: float, eps: float, kappa: float, gamma: float,
-    eta: float, mb1: float, mb2: float, meta_eps: float, lo: float, hi: float,
+    p: Tensor,
+    g: Tensor,
+    h: Tensor,
+    m: Tensor | None,
+    v: Tensor | None,
+    L: Tensor | None,
+    mb: Tensor | None,
+    vb: Tensor | None,
+    scal: Tensor,
+    *,
+    base: str,
+    meta: str,
+    element: bool,
+    sanitize: bool,
+    decay: bool,
+    b1: float,
+    b2: float,
+    eps: float,
+    kappa: float,
+    gamma: float,
+    eta: float,
+    mb1: float,
+    mb2: float,
+    meta_eps: float,
+    lo: float,
+    hi: float,
 ) -> None:
     """One parameter tensor (flat, contiguous views), in place. `scal` packs the per-step 0-d inputs:
 
@@ -127,10 +147,24 @@ def fused_kernel(group: dict[str, Any], sanitize: bool, dtypes: tuple[torch.dtyp
     mb1, mb2 = group["meta_betas"]
     kappa = float(group["weight_decay"])
     eps = group["eps"] if group["eps"] is not None else 0.0
-    config = (base, meta if element else "-", element, sanitize, kappa != 0.0,
-              float(b1), float(b2), float(eps), kappa, float(group["gamma"]),
-              float(group["meta_lr"]) if element else 0.0, float(mb1), float(mb2),
-              float(group["meta_eps"]), float(lo), float(hi))
+    config = (
+        base,
+        meta if element else "-",
+        element,
+        sanitize,
+        kappa != 0.0,
+        float(b1),
+        float(b2),
+        float(eps),
+        kappa,
+        float(group["gamma"]),
+        float(group["meta_lr"]) if element else 0.0,
+        float(mb1),
+        float(mb2),
+        float(group["meta_eps"]),
+        float(lo),
+        float(hi),
+    )
     key = config + tuple(str(d) for d in dtypes)
     fn = _COMPILED.get(key)
     if fn is None:
@@ -138,8 +172,29 @@ def fused_kernel(group: dict[str, Any], sanitize: bool, dtypes: tuple[torch.dtyp
         code = _kernel.__code__.replace(co_name=name)
         own = types.FunctionType(code, _kernel.__globals__, name, _kernel.__defaults__, _kernel.__closure__)
         # the static configuration as keyword defaults: no per-call keyword arguments to pass and guard
-        own.__kwdefaults__ = dict(zip(("base", "meta", "element", "sanitize", "decay", "b1", "b2", "eps", "kappa",
-                                       "gamma", "eta", "mb1", "mb2", "meta_eps", "lo", "hi"), config))
+        own.__kwdefaults__ = dict(
+            zip(
+                (
+                    "base",
+                    "meta",
+                    "element",
+                    "sanitize",
+                    "decay",
+                    "b1",
+                    "b2",
+                    "eps",
+                    "kappa",
+                    "gamma",
+                    "eta",
+                    "mb1",
+                    "mb2",
+                    "meta_eps",
+                    "lo",
+                    "hi",
+                ),
+                config,
+            )
+        )
         compiled = torch.compile(own, dynamic=True, fullgraph=True)
         fn = _COMPILED[key] = _Kernel(compiled, own)
     return fn
@@ -162,8 +217,12 @@ class _Kernel:
                 if "recompile" not in type(e).__name__.lower() + str(e).lower():
                     raise
                 # dynamo gave up on this kernel (too many shape variants): same function, run eagerly
-                warnings.warn(f"MetaOptimize(fused=True): torch.compile stopped recompiling the step kernel ({e}); "
-                              "continuing with the same math uncompiled (slower)", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"MetaOptimize(fused=True): torch.compile stopped recompiling the step kernel ({e}); "
+                    "continuing with the same math uncompiled (slower)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
                 self.eager = True
                 self.plain(*tensors, scal)
             return

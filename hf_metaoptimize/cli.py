@@ -1,9 +1,9 @@
 """`hf-metaoptimize` command line.
 
-    hf-metaoptimize plot OUTPUT_DIR [-o PNG]          plot step sizes + loss from trainer_state.json, print them
-    hf-metaoptimize autoregister install|uninstall|status [--site-dir DIR]
-                                                      the opt-in .pth hook (see integrations/autoregister.py)
-    hf-metaoptimize optim-args                        list the --optim_args keys of --optim metaoptimize
+hf-metaoptimize plot OUTPUT_DIR [-o PNG]          plot step sizes + loss from trainer_state.json, print them
+hf-metaoptimize autoregister install|uninstall|status [--site-dir DIR]
+                                                  the opt-in .pth hook (see integrations/autoregister.py)
+hf-metaoptimize optim-args                        list the --optim_args keys of --optim metaoptimize
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ _LEADING_DDP = re.compile(r"^module\.")
 
 # The Trainer's no-decay rule (Trainer.get_decay_parameter_names, transformers 5.x): LayerNorm modules and
 # these name patterns.
-_NO_DECAY_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
+_NO_DECAY_PATTERNS = [
+    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+]
 
 EMBEDDINGS = "embeddings"
 HEAD = "head"

@@ -25,7 +25,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .distributed import any_dtensor as _any_dtensor
 from .distributed import local_tensor as _local
 from .distributed import reduce_partial_sums, shard_group
-
 from .spec import (
     ARGUMENT_KEYS,
     BASES,
@@ -33,7 +32,6 @@ from .spec import (
     DEFAULTS,
     GLOBAL_KEYS,
     GRANULARITIES,
-    IDENTITY_KEYS,
     METAS,
     check_lr,
     normalize_group,
@@ -50,6 +48,8 @@ STALL_STEPS = 100
 # Optimizer.load_state_dict casts every floating state tensor except "step" to the param dtype; these keys
 # are restored at full precision by the load hooks below.
 _WIDE_KEYS = ("trace", "log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "nonfinite_steps", "meta_grad")
+
+
 def _snapshot(group: dict[str, Any]) -> tuple:
     """A group's hyper-parameters as comparable values (tensors by identity: no value is read); ``params`` and the
     scheduler-driven ``lr`` / ``initial_lr`` are left out (``lr`` is checked on its own every step)."""
@@ -202,9 +202,7 @@ class MetaOptimize(Optimizer):
         try:
             for p in group["params"]:
                 if p.is_complex() or not p.is_floating_point():
-                    raise ValueError(
-                        f"MetaOptimize supports real floating-point parameters only, got dtype {p.dtype}"
-                    )
+                    raise ValueError(f"MetaOptimize supports real floating-point parameters only, got dtype {p.dtype}")
             self._validate(len(self.param_groups) - 1, group)
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
@@ -379,14 +377,25 @@ class MetaOptimize(Optimizer):
         logging step and logs the count as ``skipped_steps``; in a plain loop, call it now and then (e.g. where
         you log the loss). Reads two numbers from the device (a host sync; ``step()`` itself never syncs).
         """
-        counts = [(st["nonfinite_steps"], st["step"]) for st in self.state.values()
-                  if isinstance(st, dict) and "nonfinite_steps" in st]
+        counts = [
+            (st["nonfinite_steps"], st["step"])
+            for st in self.state.values()
+            if isinstance(st, dict) and "nonfinite_steps" in st
+        ]
         if not counts:
             return 0
         dev = _local(counts[0][0]).device
-        skipped, applied = (int(v) for v in torch.stack([
-            torch.stack([_local(t).to(device=dev, dtype=torch.float64) for t in col]).amax() for col in zip(*counts)
-        ]).cpu().tolist())  # the one host transfer
+        skipped, applied = (
+            int(v)
+            for v in torch.stack(
+                [
+                    torch.stack([_local(t).to(device=dev, dtype=torch.float64) for t in col]).amax()
+                    for col in zip(*counts)
+                ]
+            )
+            .cpu()
+            .tolist()
+        )  # the one host transfer
         prev = self._skip_seen
         last_skipped, last_applied, streak = prev if prev is not None else (0, 0, 0)
         new_skips, new_applied = skipped - last_skipped, applied - last_applied
@@ -400,13 +409,19 @@ class MetaOptimize(Optimizer):
             logger.warning(
                 "MetaOptimize skipped %d of the last %d step(s) because a gradient or meta-gradient was not finite "
                 "(inf/NaN); skipped steps change no weight and no state. Check the loss scale, the data and the "
-                "initial step size (lr).", new_skips, new_skips + new_applied)
+                "initial step size (lr).",
+                new_skips,
+                new_skips + new_applied,
+            )
         elif streak >= STALL_STEPS and (streak - new_skips) // STALL_STEPS != streak // STALL_STEPS:
             logger.warning(
                 "MetaOptimize has skipped every step for %d consecutive steps (%d skipped in all, %d applied): the "
                 "run is stalled, the step size cannot shrink while every step is refused. Stop and restart from a "
                 "good checkpoint with a smaller lr (or fix the source of the inf/NaN gradients).",
-                streak, skipped, applied)
+                streak,
+                skipped,
+                applied,
+            )
         return skipped
 
     def _group_params(self) -> list[tuple[int, dict[str, Any], list[Tensor]]]:
@@ -545,7 +560,7 @@ class MetaOptimize(Optimizer):
                 zmem = [red]
             elif gran == "scalar":
                 members = []
-                for gi, group in enumerate(groups):
+                for group in groups:
                     ml = [p for p in group["params"] if self.state.get(p)]
                     if ml:
                         members.append((group, ml))
@@ -642,11 +657,18 @@ class MetaOptimize(Optimizer):
         else:
             done = [part.last[id(p)] for p in plist_all if id(p) in part.last]
             if done:
-                sums = torch.stack([
-                    torch.stack([self.state[t]["meta_grad"].to(zvec.device) for _, t in part.blocks[k]
-                                 if "meta_grad" in self.state.get(t, {})]).sum()
-                    for k in done
-                ])
+                sums = torch.stack(
+                    [
+                        torch.stack(
+                            [
+                                self.state[t]["meta_grad"].to(zvec.device)
+                                for _, t in part.blocks[k]
+                                if "meta_grad" in self.state.get(t, {})
+                            ]
+                        ).sum()
+                        for k in done
+                    ]
+                )
                 sums = reduce_partial_sums(sums, torch.ones_like(sums), [part.group])
                 for k, zb in zip(done, sums.unbind(0)):
                     by_group: dict[int, list[Tensor]] = {}
@@ -689,8 +711,19 @@ def _chunks(group: dict[str, Any], n: int) -> list[slice]:
 
 
 # Group hyper-parameters the base step (and, for element granularity, the in-place meta step) reads.
-_STEP_KEYS = ("lr", "betas", "eps", "weight_decay", "gamma", "foreach", "fused", "meta_lr", "meta_betas",
-              "meta_eps", "log_step_bounds")
+_STEP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "gamma",
+    "foreach",
+    "fused",
+    "meta_lr",
+    "meta_betas",
+    "meta_eps",
+    "log_step_bounds",
+)
 
 
 def _merge_groups(active, grads):
@@ -727,13 +760,15 @@ def _base_group_step(
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
         if group.get("fused"):
-            _fused_bucket_step(state, group, [params[i] for i in idx], [grads[i] for i in idx],
-                               okf.to(device), dtype, sanitize)
+            _fused_bucket_step(
+                state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
+            )
             continue
         for sl in _chunks(group, len(idx)):
             sub = idx[sl]
-            _base_bucket_step(state, group, [params[i] for i in sub], [grads[i] for i in sub],
-                              okf.to(device), dtype, sanitize)
+            _base_bucket_step(
+                state, group, [params[i] for i in sub], [grads[i] for i in sub], okf.to(device), dtype, sanitize
+            )
 
 
 # param -> its 6-vector of per-step kernel inputs (a workspace, not state: never saved)
@@ -777,8 +812,7 @@ def _fused_bucket_step(
         s64 = torch.stack(S).to(torch.float64).clamp(min=1)
         b1, b2 = group["meta_betas"]
         mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
-    scal = torch.stack([ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide),
-                        mbc2.to(wide)], dim=1)
+    scal = torch.stack([ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide)], dim=1)
     # one persistent 6-vector per tensor (own allocation, storage offset 0: views into `scal` would make the
     # compiled kernel specialise on their offsets)
     rows = [_FUSED_ROWS.get(p) for p in params]
@@ -952,8 +986,11 @@ def _meta_step_shared(
     MBs = [s["meta_exp_avg"] for s in sts]
     dev = Ls[0].device
     dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
-    stack = (lambda ts: torch.stack(ts).to(dt)) if len({t.device for t in Ls}) == 1 else (
-        lambda ts: torch.stack([t.to(dev) for t in ts]).to(dt))
+    stack = (
+        (lambda ts: torch.stack(ts).to(dt))
+        if len({t.device for t in Ls}) == 1
+        else (lambda ts: torch.stack([t.to(dev) for t in ts]).to(dt))
+    )
     L, MB = stack(Ls), stack(MBs)
     VB = stack([s["meta_exp_avg_sq"] for s in sts]) if adam else None
     S = torch.stack([s["meta_step"].to(dev) for s in sts]) if adam else None
@@ -969,8 +1006,7 @@ def _meta_step_shared(
 
 
 def _meta_step_element(
-    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], params: list[Tensor], z: list[Tensor],
-    okf: Tensor
+    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], params: list[Tensor], z: list[Tensor], okf: Tensor
 ) -> None:
     """Meta step for per-weight log step sizes (element granularity), in place on foreach lists.
 

@@ -26,7 +26,11 @@ def find_trainer_state(path: str | os.PathLike) -> Path:
     if direct.is_file():
         return direct
     checkpoints = sorted(
-        (p for p in path.glob("checkpoint-*") if (p / STATE_FILE).is_file() and re.fullmatch(r"checkpoint-\d+", p.name)),
+        (
+            p
+            for p in path.glob("checkpoint-*")
+            if (p / STATE_FILE).is_file() and re.fullmatch(r"checkpoint-\d+", p.name)
+        ),
         key=lambda p: int(p.name.split("-")[1]),
     )
     if checkpoints:

@@ -379,4 +379,3 @@ class MetaOptimizeReference(torch.optim.Optimizer):
                 sizes.append((float(group["lr"]) * torch.exp(log_step.to(_F64))).to(torch.float32))
             out.append(sizes)
         return out
-

@@ -12,9 +12,21 @@ import math
 from typing import Any
 
 __all__ = [
-    "BASES", "METAS", "GRANULARITIES", "DEFAULTS", "DEFAULT_BETAS", "BETAS_MEANING", "BASES_WITH_EPS",
-    "DEFAULT_META_BETAS", "DEFAULT_EPS", "IDENTITY_KEYS", "ARGUMENT_KEYS", "SCHEDULE_KEYS", "BLOCK_KEYS",
-    "normalize_group", "check_lr",
+    "BASES",
+    "METAS",
+    "GRANULARITIES",
+    "DEFAULTS",
+    "DEFAULT_BETAS",
+    "BETAS_MEANING",
+    "BASES_WITH_EPS",
+    "DEFAULT_META_BETAS",
+    "DEFAULT_EPS",
+    "IDENTITY_KEYS",
+    "ARGUMENT_KEYS",
+    "SCHEDULE_KEYS",
+    "BLOCK_KEYS",
+    "normalize_group",
+    "check_lr",
 ]
 
 #: Base rules (paper Table: the first-order optimizer whose step sizes are learned).
@@ -26,7 +38,10 @@ GRANULARITIES = ("scalar", "block", "tensor", "element")
 
 #: Default coefficients of each base rule and what they mean.
 DEFAULT_BETAS: dict[str, tuple[float, ...]] = {
-    "adamw": (0.9, 0.999), "lion": (0.9, 0.99), "sgd": (0.9,), "rmsprop": (0.99,),
+    "adamw": (0.9, 0.999),
+    "lion": (0.9, 0.99),
+    "sgd": (0.9,),
+    "rmsprop": (0.99,),
 }
 BETAS_MEANING: dict[str, str] = {
     "adamw": "(beta1, beta2) = (momentum, second-moment) coefficients",
@@ -63,8 +78,19 @@ DEFAULTS: dict[str, Any] = {
 #: Define the algorithm and the layout of the state: a checkpoint whose values differ is refused.
 IDENTITY_KEYS = ("base", "meta", "granularity", "block")
 #: Hyper-parameters that may legitimately change on resume: the values passed to the new optimizer win.
-ARGUMENT_KEYS = ("meta_lr", "gamma", "betas", "eps", "weight_decay", "meta_betas", "meta_eps", "log_step_bounds",
-                 "skip_nonfinite", "foreach", "fused")
+ARGUMENT_KEYS = (
+    "meta_lr",
+    "gamma",
+    "betas",
+    "eps",
+    "weight_decay",
+    "meta_betas",
+    "meta_eps",
+    "log_step_bounds",
+    "skip_nonfinite",
+    "foreach",
+    "fused",
+)
 #: Driven by an LR scheduler: the checkpoint's values win where a scheduler drove them (``initial_lr`` present),
 #: as for every torch optimizer; without a scheduler ``lr`` is an argument like the others.
 SCHEDULE_KEYS = ("lr", "initial_lr")
@@ -139,11 +165,19 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
         return tuple(float(b) for b in value)
 
     betas = group["betas"]
-    group["betas"] = coeffs("betas", DEFAULT_BETAS[base] if betas is None else betas,
-                            len(DEFAULT_BETAS[base]), f"base={base!r} takes {BETAS_MEANING[base]}")
+    group["betas"] = coeffs(
+        "betas",
+        DEFAULT_BETAS[base] if betas is None else betas,
+        len(DEFAULT_BETAS[base]),
+        f"base={base!r} takes {BETAS_MEANING[base]}",
+    )
     mb = group["meta_betas"]
-    group["meta_betas"] = coeffs("meta_betas", DEFAULT_META_BETAS[meta] if mb is None else mb, 2,
-                                 "(c_bar, rho_bar) for meta='lion', (beta1, beta2) for meta='adam'")
+    group["meta_betas"] = coeffs(
+        "meta_betas",
+        DEFAULT_META_BETAS[meta] if mb is None else mb,
+        2,
+        "(c_bar, rho_bar) for meta='lion', (beta1, beta2) for meta='adam'",
+    )
 
     eps = group["eps"]
     if base in BASES_WITH_EPS:

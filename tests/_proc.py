@@ -18,13 +18,36 @@ SCRIPTS = ROOT / "tests" / "scripts"
 BIN = Path(sys.executable).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # offline, and one thread per process: the 2-core CI machine is not oversubscribed and runs are reproducible
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 
 # tests/scripts/tiny_clm.py for 4 steps with --optim metaoptimize_lion, logging step sizes every 2 steps
-TINY_CLM_TRAIN = ["--optim", "metaoptimize_lion", "--optim_args", "granularity=tensor", "--max_steps", "4",
-                  "--logging_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-                  "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"]
+TINY_CLM_TRAIN = [
+    "--optim",
+    "metaoptimize_lion",
+    "--optim_args",
+    "granularity=tensor",
+    "--max_steps",
+    "4",
+    "--logging_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--learning_rate",
+    "1e-3",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def free_port() -> int:
@@ -34,15 +57,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], timeout: int = 240, env: dict[str, str] | None = None,
-        cwd: Path | None = ROOT) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], timeout: int = 240, env: dict[str, str] | None = None, cwd: Path | None = ROOT
+) -> subprocess.CompletedProcess:
     """Run `cmd` under `timeout` (the process is killed, not just abandoned), capturing text output."""
-    return subprocess.run(["timeout", str(timeout), *map(str, cmd)], capture_output=True, text=True,
-                          env=env or ENV, cwd=cwd, timeout=timeout + 60)
+    return subprocess.run(
+        ["timeout", str(timeout), *map(str, cmd)],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
+        cwd=cwd,
+        timeout=timeout + 60,
+    )
 
 
-def run_python(args: list[str], timeout: int = 240, env: dict[str, str] | None = None,
-               cwd: Path | None = ROOT) -> subprocess.CompletedProcess:
+def run_python(
+    args: list[str], timeout: int = 240, env: dict[str, str] | None = None, cwd: Path | None = ROOT
+) -> subprocess.CompletedProcess:
     """`python ARGS...` with this interpreter."""
     return run([sys.executable, *args], timeout=timeout, env=env, cwd=cwd)
 

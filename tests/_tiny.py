@@ -25,8 +25,16 @@ def tiny_gpt2(seed: int = 0, dropout: float = 0.1):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     return GPT2LMHeadModel(config)
 
@@ -47,18 +55,29 @@ def training_args(output_dir, cls=None, **overrides):
 
     cls = cls or TrainingArguments
     kwargs = dict(
-        output_dir=str(output_dir), optim="metaoptimize", per_device_train_batch_size=4, max_steps=8,
-        logging_steps=2, report_to="none", use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, learning_rate=1e-3,
+        output_dir=str(output_dir),
+        optim="metaoptimize",
+        per_device_train_batch_size=4,
+        max_steps=8,
+        logging_steps=2,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        learning_rate=1e-3,
     )
     kwargs.update(overrides)
     return cls(**kwargs)
 
 
-def make_trainer(output_dir, *, trainer_cls=None, model=None, dataset=None, callbacks=None, trainer_kwargs=None,
-                 **arg_overrides):
-    import hf_metaoptimize
+def make_trainer(
+    output_dir, *, trainer_cls=None, model=None, dataset=None, callbacks=None, trainer_kwargs=None, **arg_overrides
+):
     from transformers import Trainer, default_data_collator
+
+    import hf_metaoptimize
 
     hf_metaoptimize.register()
     trainer_cls = trainer_cls or Trainer
@@ -73,5 +92,11 @@ def make_trainer(output_dir, *, trainer_cls=None, model=None, dataset=None, call
 
 
 # The resume tests: save at step 4 of 8 with one step size per layer, a meta rule that moves, and dropout.
-RESUME_CONFIG = dict(max_steps=8, save_strategy="steps", save_steps=4, logging_steps=2,
-                     optim_args="granularity=layer,meta_lr=0.05", weight_decay=0.01)
+RESUME_CONFIG = dict(
+    max_steps=8,
+    save_strategy="steps",
+    save_steps=4,
+    logging_steps=2,
+    optim_args="granularity=layer,meta_lr=0.05",
+    weight_decay=0.01,
+)

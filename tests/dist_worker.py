@@ -49,8 +49,9 @@ FUSED = False  # --fused: MetaOptimize(fused=True), on every rank and in the ref
 
 
 def make_opt(model, granularity):
-    return MetaOptimize(param_groups(model, granularity), lr=3e-3, granularity=granularity, meta_lr=3e-2,
-                        gamma=0.99, fused=FUSED)
+    return MetaOptimize(
+        param_groups(model, granularity), lr=3e-3, granularity=granularity, meta_lr=3e-2, gamma=0.99, fused=FUSED
+    )
 
 
 BF16 = False  # --bf16: forward under torch.autocast(bfloat16), on every rank and in the reference
@@ -60,7 +61,7 @@ def train(model, opt, data, rank: int, world: int, dp: bool):
     for x, y in data:
         if dp:
             half = len(x) // world
-            x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
             out = model(x)
         loss = torch.nn.functional.cross_entropy(out.float(), y)
@@ -153,7 +154,7 @@ def check_ddp_resume(args, model, wrapped, opt, rank, world) -> list[str]:
     if rank == 0:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
     dist.barrier()
-    more = list(batches(2 * args.steps))[args.steps:]
+    more = list(batches(2 * args.steps))[args.steps :]
     train(wrapped, opt, more, rank, world, dp=True)
 
     model2 = build_model(seed=99)
@@ -187,9 +188,8 @@ def check_fsdp2_resume(args, model, opt, rank, world) -> list[str]:
     from torch.distributed.fsdp import fully_shard
 
     ckpt = os.path.join(args.out, "dcp")
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=ckpt)
-    more = list(batches(2 * args.steps))[args.steps:]
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    more = list(batches(2 * args.steps))[args.steps :]
     train(model, opt, more, rank, world, dp=True)
 
     model2 = build_model(seed=99)  # different init: everything must come from the checkpoint

@@ -45,7 +45,7 @@ def engine_for(model, granularity, stage, world):
 def train(engine, data, rank, world):
     for x, y in data:
         half = len(x) // world
-        x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         loss = torch.nn.functional.cross_entropy(engine(x), y)
         engine.backward(loss)
         engine.step()
@@ -107,8 +107,11 @@ def main() -> int:
                 if not torch.allclose(s, ref_sizes[gi], rtol=1e-5):
                     errors.append(f"group {gi} step size {s.item():.6g} vs one process {ref_sizes[gi].item():.6g}")
     # state is replicated where it should be: every rank holds the same block step sizes
-    flat = torch.stack([s.reshape(()) for g in opt.step_sizes() for s in g]) if args.granularity != "element" \
+    flat = (
+        torch.stack([s.reshape(()) for g in opt.step_sizes() for s in g])
+        if args.granularity != "element"
         else torch.zeros(1)
+    )
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if not all(torch.equal(gathered[0], g) for g in gathered):
@@ -117,7 +120,7 @@ def main() -> int:
     # exact resume from a DeepSpeed checkpoint (same world size)
     ckpt = os.path.join(args.out, "ckpt")
     engine.save_checkpoint(ckpt, tag="t")
-    more = list(batches(2 * args.steps))[args.steps:]
+    more = list(batches(2 * args.steps))[args.steps :]
     train(engine, more, rank, world)
     engine2, opt2 = engine_for(build_model(seed=7), args.granularity, args.stage, world)
     engine2.load_checkpoint(ckpt, tag="t")

@@ -85,45 +85,98 @@ def _variant_cases() -> list[OptimCase]:
     cases = []
     for base in BASES:
         for granularity in ("scalar", "block", "element"):
-            kwargs = dict(lr=DEFAULT_LR[base], base=base, granularity=granularity, meta_lr=1e-2,
-                          weight_decay=0.1, gamma=0.99)
+            kwargs = dict(
+                lr=DEFAULT_LR[base], base=base, granularity=granularity, meta_lr=1e-2, weight_decay=0.1, gamma=0.99
+            )
             cases.append(OptimCase(f"{base}-wd-gamma099-{granularity}", kwargs))
     for granularity in GRANULARITIES:
-        cases.append(OptimCase(f"adamw-single-group-{granularity}",
-                               dict(lr=1e-2, granularity=granularity, meta_lr=1e-2, weight_decay=0.1),
-                               groups=SINGLE_GROUP))
-        cases.append(OptimCase(f"adamw-per-group-{granularity}",
-                               dict(lr=1e-2, granularity=granularity, meta_lr=1e-2, weight_decay=0.1,
-                                    betas=(0.85, 0.99)),
-                               groups=PER_GROUP_GROUPS if granularity != "scalar" else
-                               tuple({k: v for k, v in g.items() if k not in ("meta_lr",)} for g in PER_GROUP_GROUPS)))
+        cases.append(
+            OptimCase(
+                f"adamw-single-group-{granularity}",
+                dict(lr=1e-2, granularity=granularity, meta_lr=1e-2, weight_decay=0.1),
+                groups=SINGLE_GROUP,
+            )
+        )
+        cases.append(
+            OptimCase(
+                f"adamw-per-group-{granularity}",
+                dict(lr=1e-2, granularity=granularity, meta_lr=1e-2, weight_decay=0.1, betas=(0.85, 0.99)),
+                groups=PER_GROUP_GROUPS
+                if granularity != "scalar"
+                else tuple({k: v for k, v in g.items() if k not in ("meta_lr",)} for g in PER_GROUP_GROUPS),
+            )
+        )
         for base, meta in (("adamw", "lion"), ("lion", "adam"), ("sgd", "lion")):
-            cases.append(OptimCase(f"{base}-{meta}-grad-none-{granularity}",
-                                   dict(lr=DEFAULT_LR[base], base=base, meta=meta, granularity=granularity,
-                                        meta_lr=1e-2, weight_decay=0.05),
-                                   late=("attn.qkv.bias", "norm.weight"),
-                                   sometimes_none=("mlp.down.weight", "conv.weight")))
+            cases.append(
+                OptimCase(
+                    f"{base}-{meta}-grad-none-{granularity}",
+                    dict(
+                        lr=DEFAULT_LR[base],
+                        base=base,
+                        meta=meta,
+                        granularity=granularity,
+                        meta_lr=1e-2,
+                        weight_decay=0.05,
+                    ),
+                    late=("attn.qkv.bias", "norm.weight"),
+                    sometimes_none=("mlp.down.weight", "conv.weight"),
+                )
+            )
         # step 7 is also the first step of the late param: its lazy state is created on a skipped step
-        cases.append(OptimCase(f"rmsprop-nonfinite-{granularity}",
-                               dict(lr=1e-2, base="rmsprop", granularity=granularity, meta_lr=1e-2),
-                               late=("embed.weight",), nonfinite_at=(3, 7, 12, 13, 40)))
-        cases.append(OptimCase(f"adamw-adam-meta-settings-{granularity}",
-                               dict(lr=1e-2, meta="adam", granularity=granularity, meta_lr=3e-2,
-                                    meta_betas=(0.8, 0.95), meta_eps=1e-6, eps=1e-6, weight_decay=0.1)))
-        cases.append(OptimCase(f"lion-tight-bounds-{granularity}",
-                               dict(lr=3e-3, base="lion", granularity=granularity, meta_lr=2e-2,
-                                    log_step_bounds=(-0.05, 0.06))))
+        cases.append(
+            OptimCase(
+                f"rmsprop-nonfinite-{granularity}",
+                dict(lr=1e-2, base="rmsprop", granularity=granularity, meta_lr=1e-2),
+                late=("embed.weight",),
+                nonfinite_at=(3, 7, 12, 13, 40),
+            )
+        )
+        cases.append(
+            OptimCase(
+                f"adamw-adam-meta-settings-{granularity}",
+                dict(
+                    lr=1e-2,
+                    meta="adam",
+                    granularity=granularity,
+                    meta_lr=3e-2,
+                    meta_betas=(0.8, 0.95),
+                    meta_eps=1e-6,
+                    eps=1e-6,
+                    weight_decay=0.1,
+                ),
+            )
+        )
+        cases.append(
+            OptimCase(
+                f"lion-tight-bounds-{granularity}",
+                dict(lr=3e-3, base="lion", granularity=granularity, meta_lr=2e-2, log_step_bounds=(-0.05, 0.06)),
+            )
+        )
     cases += [
         OptimCase("adamw-meta-lr-zero", dict(lr=1e-2, granularity="element", meta_lr=0.0, weight_decay=0.1)),
         OptimCase("adamw-gamma-zero", dict(lr=1e-2, granularity="tensor", meta_lr=1e-2, gamma=0.0)),
-        OptimCase("lion-lion-gamma-zero", dict(lr=3e-3, base="lion", granularity="scalar", meta_lr=1e-2, gamma=0.0,
-                                               weight_decay=0.1, betas=(0.95, 0.98), meta_betas=(0.8, 0.9))),
-        OptimCase("sgd-bare-float-betas", dict(lr=5e-2, base="sgd", granularity="block", meta_lr=1e-2, betas=0.8,
-                                               weight_decay=0.01)),
-        OptimCase("rmsprop-bare-float-betas", dict(lr=1e-2, base="rmsprop", granularity="tensor", meta_lr=1e-2,
-                                                   betas=0.9, eps=1e-6, weight_decay=0.01)),
-        OptimCase("adamw-skip-nonfinite-off", dict(lr=1e-2, granularity="scalar", meta_lr=1e-2,
-                                                   skip_nonfinite=False)),
+        OptimCase(
+            "lion-lion-gamma-zero",
+            dict(
+                lr=3e-3,
+                base="lion",
+                granularity="scalar",
+                meta_lr=1e-2,
+                gamma=0.0,
+                weight_decay=0.1,
+                betas=(0.95, 0.98),
+                meta_betas=(0.8, 0.9),
+            ),
+        ),
+        OptimCase(
+            "sgd-bare-float-betas",
+            dict(lr=5e-2, base="sgd", granularity="block", meta_lr=1e-2, betas=0.8, weight_decay=0.01),
+        ),
+        OptimCase(
+            "rmsprop-bare-float-betas",
+            dict(lr=1e-2, base="rmsprop", granularity="tensor", meta_lr=1e-2, betas=0.9, eps=1e-6, weight_decay=0.01),
+        ),
+        OptimCase("adamw-skip-nonfinite-off", dict(lr=1e-2, granularity="scalar", meta_lr=1e-2, skip_nonfinite=False)),
     ]
     return cases
 

@@ -21,27 +21,57 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-RECORD_KEYS = {"schema", "task", "run_id", "contender", "optimizer", "seed", "config", "data", "train", "eval",
-               "step_sizes", "final", "diverged", "versions", "machine", "fingerprint", "wall_s"}
+RECORD_KEYS = {
+    "schema",
+    "task",
+    "run_id",
+    "contender",
+    "optimizer",
+    "seed",
+    "config",
+    "data",
+    "train",
+    "eval",
+    "step_sizes",
+    "final",
+    "diverged",
+    "versions",
+    "machine",
+    "fingerprint",
+    "wall_s",
+}
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_quick")
     out, docs = tmp / "results", tmp / "docs" / "benchmarks.md"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--suite", "quick", "--out", str(out), "--docs", str(docs)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, docs, proc.stdout
 
 
 def _records(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("*/*.json"))
-            if p.parent.name != "overhead" and not p.name.endswith(".error.json")]
+    return [
+        json.loads(p.read_text())
+        for p in sorted(out.glob("*/*.json"))
+        if p.parent.name != "overhead" and not p.name.endswith(".error.json")
+    ]
 
 
 def test_every_planned_run_wrote_a_complete_record(quick):
@@ -89,7 +119,7 @@ def test_summary_report_and_plots(quick):
     out, docs, stdout = quick
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tasks"]) == {"digits", "shakespeare", "lora"}
-    for task, t in summary["tasks"].items():
+    for t in summary["tasks"].values():
         assert "adamw_cosine" in t["contenders"]
         assert all(c["final_loss"] is not None for c in t["contenders"].values())
     assert summary["tasks"]["digits"]["ratio_default_to_tuned_cosine"] > 0

@@ -37,8 +37,15 @@ def saved(opt: MetaOptimize) -> dict:
 
 
 # ---------------------------------------------------------------- checkpoints carry their configuration
-@pytest.mark.parametrize("key,old,new", [("base", "adamw", "rmsprop"), ("meta", "lion", "adam"),
-                                         ("granularity", "scalar", "element"), ("granularity", "tensor", "scalar")])
+@pytest.mark.parametrize(
+    "key,old,new",
+    [
+        ("base", "adamw", "rmsprop"),
+        ("meta", "lion", "adam"),
+        ("granularity", "scalar", "element"),
+        ("granularity", "tensor", "scalar"),
+    ],
+)
 def test_checkpoint_of_another_algorithm_is_refused_naming_both_values(key, old, new):
     a = params()
     opt = MetaOptimize(a, lr=1e-2, **{key: old})
@@ -84,8 +91,16 @@ def test_tunable_settings_follow_the_new_arguments_on_resume():
     opt = MetaOptimize(a, lr=1e-2, meta_lr=1e-3, gamma=1.0, weight_decay=0.0)
     steps(opt, a, 3)
     sd = saved(opt)
-    new = dict(lr=3e-3, meta_lr=5e-2, gamma=0.99, weight_decay=0.1, betas=[0.8, 0.99], fused=False,
-               log_step_bounds=(-3, 3), skip_nonfinite=False)
+    new = dict(
+        lr=3e-3,
+        meta_lr=5e-2,
+        gamma=0.99,
+        weight_decay=0.1,
+        betas=[0.8, 0.99],
+        fused=False,
+        log_step_bounds=(-3, 3),
+        skip_nonfinite=False,
+    )
     resumed = MetaOptimize(params(), **new)
     resumed.load_state_dict(sd)
     group = resumed.param_groups[0]

@@ -22,8 +22,22 @@ CASES += [(2, "block", True)]  # fused=True on flat partitions
 @pytest.mark.parametrize("stage,granularity,fused", CASES)
 def test_zero_two_ranks_match_one_process_and_resume(stage, granularity, fused, tmp_path):
     pytest.importorskip("deepspeed")
-    cmd = ["timeout", "280", *TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), "--stage", str(stage), "--granularity", granularity, "--out", str(tmp_path)]
+    cmd = [
+        "timeout",
+        "280",
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        "--stage",
+        str(stage),
+        "--granularity",
+        granularity,
+        "--out",
+        str(tmp_path),
+    ]
     cmd += ["--fused"] if fused else []
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=320)
@@ -38,8 +52,12 @@ def test_config_checks_name_the_fix():
     from hf_metaoptimize.integrations.deepspeed import check_config
 
     check_config({"zero_optimization": {"stage": 2}})
-    check_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-                  "zero_force_ds_cpu_optimizer": False})
+    check_config(
+        {
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+        }
+    )
     with pytest.raises(ValueError, match='"zero_force_ds_cpu_optimizer": false'):
         check_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
     with pytest.raises(ValueError, match='Remove the "optimizer" section'):

@@ -21,8 +21,22 @@ CASES += [("fsdp2", "element", False, True)]  # fused=True on DTensor shards
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,granularity,bf16,fused", CASES)
 def test_two_ranks_match_one_process(backend, granularity, bf16, fused, tmp_path):
-    cmd = ["timeout", "240", *TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), "--backend", backend, "--granularity", granularity, "--out", str(tmp_path)]
+    cmd = [
+        "timeout",
+        "240",
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        "--backend",
+        backend,
+        "--granularity",
+        granularity,
+        "--out",
+        str(tmp_path),
+    ]
     cmd += ["--bf16"] if bf16 else []
     cmd += ["--fused"] if fused else []
     env = dict(os.environ, OMP_NUM_THREADS="1")

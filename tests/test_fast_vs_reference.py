@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from optim_cases import (
     CASES,
     CORE_CASES,
@@ -32,8 +31,13 @@ def _states(pair: RunPair):
 def assert_params_close(pair: RunPair, rtol: float, atol: float) -> None:
     for name, p in pair.fast_params.items():
         assert p.dtype == pair.ref_params[name].dtype, name
-        torch.testing.assert_close(p.detach().double(), pair.ref_params[name].detach().double(), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"param {name}: {m}")
+        torch.testing.assert_close(
+            p.detach().double(),
+            pair.ref_params[name].detach().double(),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, name=name: f"param {name}: {m}",
+        )
 
 
 def assert_state_close(pair: RunPair, rtol: float, atol: float, keys: tuple[str, ...] | None = None) -> None:
@@ -43,8 +47,13 @@ def assert_state_close(pair: RunPair, rtol: float, atol: float, keys: tuple[str,
             fast_value, ref_value = fast_state[key], ref_state[key]
             assert isinstance(fast_value, torch.Tensor), f"{name}.{key} is {type(fast_value)}"
             assert fast_value.shape == ref_value.shape, f"{name}.{key}: shape {fast_value.shape} != {ref_value.shape}"
-            torch.testing.assert_close(fast_value.double(), ref_value.double(), rtol=rtol, atol=atol,
-                                       msg=lambda m: f"state {name}.{key}: {m}")
+            torch.testing.assert_close(
+                fast_value.double(),
+                ref_value.double(),
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, name=name, key=key: f"state {name}.{key}: {m}",
+            )
 
 
 def assert_step_sizes_close(pair: RunPair, rtol: float) -> None:
@@ -56,8 +65,9 @@ def assert_step_sizes_close(pair: RunPair, rtol: float) -> None:
             assert fast_size.dtype == torch.float32
             assert fast_size.shape in (torch.Size([]), p.shape)
             # 0-d vs param-shaped is not what this compares (design.md only fixes it for params with state)
-            torch.testing.assert_close(torch.broadcast_to(fast_size, p.shape), torch.broadcast_to(ref_size, p.shape),
-                                       rtol=rtol, atol=0)
+            torch.testing.assert_close(
+                torch.broadcast_to(fast_size, p.shape), torch.broadcast_to(ref_size, p.shape), rtol=rtol, atol=0
+            )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -81,8 +91,13 @@ def test_fast_matches_reference_float32(case):
 def _expected_dtypes(kwargs: dict, param_dtype: torch.dtype) -> dict[str, torch.dtype]:
     wide = torch.promote_types(param_dtype, torch.float32)  # "float32+"
     base, meta = kwargs.get("base", "adamw"), kwargs.get("meta", "lion")
-    expected = {"step": torch.float32, "trace": wide, "log_step": wide, "meta_exp_avg": wide,
-                "nonfinite_steps": torch.float32}
+    expected = {
+        "step": torch.float32,
+        "trace": wide,
+        "log_step": wide,
+        "meta_exp_avg": wide,
+        "nonfinite_steps": torch.float32,
+    }
     if base in ("adamw", "lion", "sgd"):
         expected["exp_avg"] = param_dtype
     if base in ("adamw", "rmsprop"):
@@ -93,8 +108,9 @@ def _expected_dtypes(kwargs: dict, param_dtype: torch.dtype) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", [c for c in CORE_CASES if c.kwargs["granularity"] in ("block", "element")],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CORE_CASES if c.kwargs["granularity"] in ("block", "element")], ids=lambda c: c.name
+)
 def test_fast_state_dtypes_follow_design(case, param_dtype):
     """docs/design.md state table: moments in the param dtype, trace / log_step / meta state float32+."""
     params = make_params(param_dtype)

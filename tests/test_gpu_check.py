@@ -6,14 +6,16 @@ import json
 import sys
 
 import pytest
-
 from _proc import ROOT, run
 
 
 @pytest.mark.slow
 def test_overflow_check_dry_run_on_cpu(tmp_path):
-    proc = run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", "overflow", "--out", tmp_path],
-               timeout=300, cwd=ROOT)
+    proc = run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", "overflow", "--out", tmp_path],
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())["overflow"]
     # no scaler on CPU: MetaOptimize itself saw the inf step, counted it and changed nothing else

@@ -5,22 +5,27 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import re
 import pickle
+import re
 from contextlib import redirect_stdout
 
-import pytest
-
 import _tiny  # offline env, one thread
+import pytest
 
 import hf_metaoptimize
 from hf_metaoptimize.integrations import registry
+from hf_metaoptimize.integrations.deepspeed_config import check_deepspeed_config
 from hf_metaoptimize.integrations.optim_args import OPTIM_ARGS, OptimArgsError, optimizer_kwargs, parse_optim_args
 
 hf_metaoptimize.register()
 
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainingArguments  # noqa: E402
-from transformers import trainer_optimizer  # noqa: E402
+from transformers import (  # noqa: E402
+    HfArgumentParser,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainingArguments,
+    trainer_optimizer,  # noqa: E402
+)
 from transformers.training_args import OptimizerNames  # noqa: E402
 
 
@@ -30,23 +35,37 @@ def parse(cls, *argv):
 
 
 def test_register_is_idempotent_and_installs_everything():
-    before = (list(OptimizerNames._member_names_), Trainer.log, Trainer.create_scheduler, TrainingArguments.__post_init__)
+    before = (
+        list(OptimizerNames._member_names_),
+        Trainer.log,
+        Trainer.create_scheduler,
+        TrainingArguments.__post_init__,
+    )
     hf_metaoptimize.register()
     hf_metaoptimize.register()
-    after = (list(OptimizerNames._member_names_), Trainer.log, Trainer.create_scheduler, TrainingArguments.__post_init__)
+    after = (
+        list(OptimizerNames._member_names_),
+        Trainer.log,
+        Trainer.create_scheduler,
+        TrainingArguments.__post_init__,
+    )
     assert before == after
     assert OptimizerNames("metaoptimize") is OptimizerNames.METAOPTIMIZE
     assert OptimizerNames("metaoptimize_lion") is OptimizerNames.METAOPTIMIZE_LION
     assert [m.value for m in OptimizerNames].count("metaoptimize") == 1
     assert trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames.METAOPTIMIZE] is registry._handler
     # the wrappers are not stacked
-    assert not getattr(Trainer.log.__wrapped__, registry._WRAPPED, False)
+    assert not getattr(Trainer.log.__wrapped__, registry.WRAPPED, False)
 
 
 def _trl_configs():
     trl = pytest.importorskip("trl")
-    return {"SFTConfig": trl.SFTConfig, "DPOConfig": trl.DPOConfig, "GRPOConfig": trl.GRPOConfig,
-            "RewardConfig": trl.RewardConfig}
+    return {
+        "SFTConfig": trl.SFTConfig,
+        "DPOConfig": trl.DPOConfig,
+        "GRPOConfig": trl.GRPOConfig,
+        "RewardConfig": trl.RewardConfig,
+    }
 
 
 CPU = ("--use_cpu", "--bf16", "false")  # TRL configs default to bf16, which this CPU machine refuses
@@ -56,8 +75,18 @@ def build(cls, how, tmp_path, **values):
     """`cls` built from `values` the way `how` says: HfArgumentParser, TRL's parser (CLI or YAML config), a dict,
     or a direct call. Values are strings, as on a command line."""
     values = {"output_dir": str(tmp_path / "out"), "use_cpu": "true", "bf16": "false", **values}
-    typed = {k: (float(v) if k.startswith(("adam_", "learning_rate")) else int(v) if k.endswith("steps")
-                 else v == "true" if v in ("true", "false") else v) for k, v in values.items()}
+    typed = {
+        k: (
+            float(v)
+            if k.startswith(("adam_", "learning_rate"))
+            else int(v)
+            if k.endswith("steps")
+            else v == "true"
+            if v in ("true", "false")
+            else v
+        )
+        for k, v in values.items()
+    }
     if how == "direct":
         return cls(**typed)
     if how == "dict":  # a JSON config: typed values
@@ -108,8 +137,9 @@ def test_trl_sft_script_arguments_get_the_constant_schedule(tmp_path):
     """What trl/scripts/sft.py does: TrlParser over (ScriptArguments, SFTConfig, ModelConfig)."""
     trl = pytest.importorskip("trl")
     parser = trl.TrlParser((trl.ScriptArguments, trl.SFTConfig, trl.ModelConfig))
-    _, sft, _ = parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dataset_name", "d", "--optim",
-                                              "metaoptimize", *CPU])
+    _, sft, _ = parser.parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--dataset_name", "d", "--optim", "metaoptimize", *CPU]
+    )
     assert sft.lr_scheduler_type == "constant" and sft.optim == OptimizerNames.METAOPTIMIZE
 
 
@@ -154,10 +184,16 @@ def test_deepspeed_configs_that_would_replace_the_optimizer_are_refused(config, 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=needle):  # before DeepSpeed is imported: while parsing
-        parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "granularity=tensor", "--deepspeed", str(path))
-    registry.check_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-                                     "zero_force_ds_cpu_optimizer": False})
-    registry.check_deepspeed_config({"zero_optimization": {"stage": 3}})
+        parse(
+            TrainingArguments, "--optim", "metaoptimize", "--optim_args", "granularity=tensor", "--deepspeed", str(path)
+        )
+    check_deepspeed_config(
+        {
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+        }
+    )
+    check_deepspeed_config({"zero_optimization": {"stage": 3}})
 
 
 def test_arguments_pickle_and_serialise_plainly():
@@ -192,13 +228,29 @@ def test_bad_optim_args_fail_while_parsing(optim_args, needle):
 
 def test_optim_args_cast_and_kwargs_mapping():
     assert parse_optim_args("base=lion, meta=adam,granularity=tensor,meta_lr=1e-2,gamma=1,skip_nonfinite=no") == {
-        "base": "lion", "meta": "adam", "granularity": "tensor", "meta_lr": 0.01, "gamma": 1.0,
+        "base": "lion",
+        "meta": "adam",
+        "granularity": "tensor",
+        "meta_lr": 0.01,
+        "gamma": 1.0,
         "skip_nonfinite": False,
     }
     args = parse(
-        TrainingArguments, "--optim", "metaoptimize", "--adam_beta1", "0.8", "--adam_beta2", "0.95",
-        "--adam_epsilon", "1e-6", "--weight_decay", "0.1", "--learning_rate", "3e-4",
-        "--optim_args", "meta=adam,meta_eps=1e-7,meta_beta2=0.99,gamma=0.999",
+        TrainingArguments,
+        "--optim",
+        "metaoptimize",
+        "--adam_beta1",
+        "0.8",
+        "--adam_beta2",
+        "0.95",
+        "--adam_epsilon",
+        "1e-6",
+        "--weight_decay",
+        "0.1",
+        "--learning_rate",
+        "3e-4",
+        "--optim_args",
+        "meta=adam,meta_eps=1e-7,meta_beta2=0.99,gamma=0.999",
     )
     kw = optimizer_kwargs(args)
     assert kw["lr"] == 3e-4 and kw["base"] == "adamw" and kw["betas"] == (0.8, 0.95) and kw["eps"] == 1e-6
@@ -289,12 +341,15 @@ def test_installed_transformers_has_the_private_table_we_rely_on():
     assert cls is hf_metaoptimize.MetaOptimize and kwargs["base"] == "adamw"
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--optim_args", "meta=adam,meta_eps=0"], "meta_eps='0' is out of range"),
-    (["--optim_args", "base=lion", "--adam_epsilon", "1e-6"], None),  # ignored with a warning, not an error
-    (["--adam_beta1", "1.5"], "invalid betas=(1.5, 0.999)"),  # the optimizer's own rule, while parsing
-    (["--weight_decay", "-0.1"], "invalid weight_decay=-0.1"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--optim_args", "meta=adam,meta_eps=0"], "meta_eps='0' is out of range"),
+        (["--optim_args", "base=lion", "--adam_epsilon", "1e-6"], None),  # ignored with a warning, not an error
+        (["--adam_beta1", "1.5"], "invalid betas=(1.5, 0.999)"),  # the optimizer's own rule, while parsing
+        (["--weight_decay", "-0.1"], "invalid weight_decay=-0.1"),
+    ],
+)
 def test_the_optimizers_rules_apply_while_parsing(argv, needle):
     if needle is None:
         parse(TrainingArguments, "--optim", "metaoptimize", *argv)

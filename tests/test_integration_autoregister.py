@@ -12,8 +12,13 @@ from pathlib import Path
 
 from hf_metaoptimize.integrations import autoregister
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def run(args, timeout=240, env=None):
@@ -25,8 +30,14 @@ def test_opt_in_pth_hook_registers_in_processes_the_launcher_did_not_start(tmp_p
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     parent_site = sysconfig.get_paths()["purelib"]  # this env's site-packages (+ its .pth: editable install)
     (site / "_parent_env.pth").write_text(f"import site; site.addsitedir({parent_site!r})\n")
     installed = autoregister.install_pth(site)  # what `hf-metaoptimize autoregister install` does

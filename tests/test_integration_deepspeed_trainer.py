@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from _proc import BIN, ENV, ROOT, SCRIPTS, free_port, run
 
 
@@ -15,19 +14,50 @@ def test_trainer_deepspeed_zero2_one_cpu_rank(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
     proc = run(
-        [BIN / "torchrun", "--nproc_per_node", "1", "--master_port", free_port(), "-m", "hf_metaoptimize.launch",
-         SCRIPTS / "tiny_clm.py", "--output_dir", out, "--optim", "metaoptimize",
-         "--optim_args", "granularity=layer,meta_lr=0.05",
-         "--deepspeed", ROOT / "examples" / "configs" / "ds_zero2.json", "--max_steps", "4",
-         "--logging_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"],
-        timeout=400, env={**ENV, "DS_ACCELERATOR": "cpu"},
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            free_port(),
+            "-m",
+            "hf_metaoptimize.launch",
+            SCRIPTS / "tiny_clm.py",
+            "--output_dir",
+            out,
+            "--optim",
+            "metaoptimize",
+            "--optim_args",
+            "granularity=layer,meta_lr=0.05",
+            "--deepspeed",
+            ROOT / "examples" / "configs" / "ds_zero2.json",
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        ],
+        timeout=400,
+        env={**ENV, "DS_ACCELERATOR": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     logs = [e for e in history if "loss" in e]
     assert len(logs) == 2
     for entry in logs:
-        assert {"step_size/embeddings", "step_size/transformer.h.0", "step_size/transformer.h.1",
-                "step_size/head"} <= set(entry)
+        assert {
+            "step_size/embeddings",
+            "step_size/transformer.h.0",
+            "step_size/transformer.h.1",
+            "step_size/head",
+        } <= set(entry)
     assert logs[-1]["step_size/transformer.h.0"] != logs[-1]["learning_rate"]  # the meta rule ran

@@ -15,9 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_quick(tmp_path):
     assert "hf_metaoptimize" not in (ROOT / "examples" / "run_clm.py").read_text()
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(["timeout", "300", sys.executable, str(ROOT / "examples" / "demo.py"), "--quick",
-                           "--output_dir", str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(
+        ["timeout", "300", sys.executable, str(ROOT / "examples" / "demo.py"), "--quick", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "-m hf_metaoptimize.launch" in proc.stdout and "--optim metaoptimize" in proc.stdout
     assert "eval_loss" in proc.stdout  # the evaluation ran

@@ -8,8 +8,17 @@ from _proc import run_python as run
 
 
 def test_accelerate_loop_quick(tmp_path):
-    proc = run(["examples/accelerate_loop.py", "--steps", "6", "--print_every", "3",
-                "--checkpoint_dir", str(tmp_path / "state")])
+    proc = run(
+        [
+            "examples/accelerate_loop.py",
+            "--steps",
+            "6",
+            "--print_every",
+            "3",
+            "--checkpoint_dir",
+            str(tmp_path / "state"),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step    6" in proc.stdout and "test accuracy" in proc.stdout
     assert any((tmp_path / "state").iterdir())
@@ -26,8 +35,22 @@ def test_accelerate_loop_two_processes_match_one(tmp_path):
     proc = run(["examples/accelerate_loop.py", *common, "--batch_size", "32", "--report", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    proc = run_cmd([*TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "examples/accelerate_loop.py",
-                    *common, "--batch_size", "16", "--report", two], env=env)
+    proc = run_cmd(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "examples/accelerate_loop.py",
+            *common,
+            "--batch_size",
+            "16",
+            "--report",
+            two,
+        ],
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["processes"], b["processes"]) == (1, 2)

@@ -25,6 +25,12 @@ def test_import_does_not_pull_the_hf_stack():
 def test_lazy_names_resolve():
     import hf_metaoptimize
 
-    for name in ("register", "MetaOptimizeTrainer", "MetaOptimizeTrainingArguments", "StepSizePlotCallback",
-                 "layer_param_groups", "plot_step_sizes"):
+    for name in (
+        "register",
+        "MetaOptimizeTrainer",
+        "MetaOptimizeTrainingArguments",
+        "StepSizePlotCallback",
+        "layer_param_groups",
+        "plot_step_sizes",
+    ):
         assert getattr(hf_metaoptimize, name) is not None

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import _tiny  # noqa: F401
 import pytest
 import torch
-
-import _tiny  # noqa: F401
 
 from hf_metaoptimize.layers import block_names, decay_parameter_names, layer_param_groups
 
@@ -17,16 +16,32 @@ def gpt2():
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
-                                        tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                                    num_attention_heads=2, vocab_size=64, num_labels=3))
+    return BertForSequenceClassification(
+        BertConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            vocab_size=64,
+            num_labels=3,
+        )
+    )
 
 
 EXPECTED = {
@@ -41,9 +56,16 @@ EXPECTED = {
         "layers": ["model.layers.0", "model.layers.1", "model.layers.2"],
     },
     bert: {
-        "embeddings": {f"bert.embeddings.{n}" for n in ("word_embeddings.weight", "position_embeddings.weight",
-                                                        "token_type_embeddings.weight", "LayerNorm.weight",
-                                                        "LayerNorm.bias")},
+        "embeddings": {
+            f"bert.embeddings.{n}"
+            for n in (
+                "word_embeddings.weight",
+                "position_embeddings.weight",
+                "token_type_embeddings.weight",
+                "LayerNorm.weight",
+                "LayerNorm.bias",
+            )
+        },
         "head": {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"},
         "layers": ["bert.encoder.layer.0", "bert.encoder.layer.1"],
     },
@@ -71,7 +93,8 @@ def test_blocks_per_architecture(build):
     groups = layer_param_groups(model, weight_decay=0.1)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert [g["block"] for g in groups if g["weight_decay"] == 0.1] == [
-        b for b in ["embeddings", *layers, "head"]
+        b
+        for b in ["embeddings", *layers, "head"]
         if any(blocks[n] == b and n in decay_parameter_names(model) for n in blocks)
     ]
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -127,5 +150,10 @@ def test_granularity_layer_through_the_trainer_handler(tmp_path):
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert optimizer.param_groups[0]["granularity"] == "block"
     assert [g["block"] for g in optimizer.param_groups] == [
-        "embeddings", "transformer.h.0", "transformer.h.0", "transformer.h.1", "transformer.h.1", "head"
+        "embeddings",
+        "transformer.h.0",
+        "transformer.h.0",
+        "transformer.h.1",
+        "transformer.h.1",
+        "head",
     ]

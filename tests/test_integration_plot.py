@@ -17,8 +17,13 @@ def history(blocks=("embeddings", "transformer.h.0", "transformer.h.1", "head"))
         entry = {"loss": 5.0 - step / 50, "learning_rate": 1e-4, "step": step, "epoch": step / 100}
         values = {b: 1e-4 * (1 + i * 0.2) ** (step / 50) for i, b in enumerate(blocks)}
         entry.update({f"step_size/{b}": v for b, v in values.items()})
-        entry.update({"step_size/min": min(values.values()), "step_size/max": max(values.values()),
-                      "step_size/median": sorted(values.values())[len(values) // 2]})
+        entry.update(
+            {
+                "step_size/min": min(values.values()),
+                "step_size/max": max(values.values()),
+                "step_size/median": sorted(values.values())[len(values) // 2],
+            }
+        )
         out.append(entry)
         if step % 50 == 0:
             out.append({"eval_loss": 4.8 - step / 60, "step": step, "epoch": step / 100})

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _tiny
 import pytest
 import torch
-
-import _tiny
 
 from hf_metaoptimize.integrations.registry import find_metaoptimize
 
@@ -72,7 +71,8 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.run(
         ["timeout", "300", sys.executable, str(HERE / "scripts" / "kill_after_save.py"), str(killed), "4"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == -signal.SIGKILL or proc.returncode == 128 + signal.SIGKILL, proc.stderr[-3000:]
     assert (killed / "checkpoint-4" / "trainer_state.json").is_file()

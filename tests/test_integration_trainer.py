@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import _tiny
 import pytest
 import torch
-
-import _tiny
 
 import hf_metaoptimize
 from hf_metaoptimize import MetaOptimize
@@ -46,8 +45,7 @@ def count_step_size_reads(monkeypatch):
 def test_scalar_step_size_is_logged_before_storage(tmp_path, monkeypatch):
     calls = count_step_size_reads(monkeypatch)
     seen = SeenByCallbacks()
-    trainer = _tiny.make_trainer(tmp_path, callbacks=[seen], max_steps=6, logging_steps=2,
-                                 optim_args="meta_lr=0.05")
+    trainer = _tiny.make_trainer(tmp_path, callbacks=[seen], max_steps=6, logging_steps=2, optim_args="meta_lr=0.05")
     trainer.train()
     train_logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e["step"] for e in train_logs] == [2, 4, 6]
@@ -67,8 +65,9 @@ def test_scalar_step_size_is_logged_before_storage(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("granularity", ["layer", "tensor", "element"])
 def test_finer_granularities_log_min_median_max_and_blocks(tmp_path, granularity):
-    trainer = _tiny.make_trainer(tmp_path, max_steps=4, logging_steps=4,
-                                 optim_args=f"granularity={granularity},meta_lr=0.05")
+    trainer = _tiny.make_trainer(
+        tmp_path, max_steps=4, logging_steps=4, optim_args=f"granularity={granularity},meta_lr=0.05"
+    )
     trainer.train()
     (entry,) = [e for e in trainer.state.log_history if "loss" in e]
     keys = {k for k in entry if k.startswith("step_size")}
@@ -83,8 +82,9 @@ def test_finer_granularities_log_min_median_max_and_blocks(tmp_path, granularity
 def test_optimizer_cls_and_kwargs_route_gets_a_constant_schedule(tmp_path):
     def run(**arg_overrides):
         args = _tiny.training_args(tmp_path, optim="adamw_torch", max_steps=4, **arg_overrides)
-        trainer = _tiny.make_trainer(tmp_path, args=args,
-                                     trainer_kwargs={"optimizer_cls_and_kwargs": (MetaOptimize, {"lr": 1e-3})})
+        trainer = _tiny.make_trainer(
+            tmp_path, args=args, trainer_kwargs={"optimizer_cls_and_kwargs": (MetaOptimize, {"lr": 1e-3})}
+        )
         trainer.train()
         return trainer
 
@@ -98,8 +98,9 @@ def test_optimizer_cls_and_kwargs_route_gets_a_constant_schedule(tmp_path):
 
 
 def test_a_named_schedule_multiplies_the_learned_step_size(tmp_path):
-    trainer = _tiny.make_trainer(tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="polynomial",
-                                 optim_args="meta_lr=0")
+    trainer = _tiny.make_trainer(
+        tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="polynomial", optim_args="meta_lr=0"
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     # learning_rate: the lr of the logged step (read before the scheduler steps); step_size uses the same lr.
@@ -109,8 +110,9 @@ def test_a_named_schedule_multiplies_the_learned_step_size(tmp_path):
 
 
 def test_step_size_over_learning_rate_is_the_learned_multiplier(tmp_path):
-    trainer = _tiny.make_trainer(tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="cosine",
-                                 optim_args="meta_lr=0.05,granularity=tensor")
+    trainer = _tiny.make_trainer(
+        tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="cosine", optim_args="meta_lr=0.05,granularity=tensor"
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     optimizer = inner(trainer.optimizer)
@@ -125,9 +127,17 @@ def test_metaoptimize_trainer_with_plain_arguments(tmp_path):
 
     from hf_metaoptimize import MetaOptimizeTrainer, StepSizePlotCallback
 
-    args = TrainingArguments(str(tmp_path), max_steps=4, logging_steps=2, report_to="none", use_cpu=True,
-                             save_strategy="no", disable_tqdm=True, learning_rate=1e-3,
-                             optim_args="granularity=layer,base=lion")
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=4,
+        logging_steps=2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        optim_args="granularity=layer,base=lion",
+    )
     trainer = _tiny.make_trainer(tmp_path, trainer_cls=MetaOptimizeTrainer, args=args)
     trainer.train()
     optimizer = inner(trainer.optimizer)
@@ -145,7 +155,9 @@ def record_step_grads(trainer):
 
     def hook(optimizer, args, kwargs):
         grads = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        records.append((torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item(), grads))
+        records.append(
+            (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item(), grads)
+        )
 
     trainer.create_optimizer()
     inner(trainer.optimizer).register_step_pre_hook(hook)
@@ -154,9 +166,16 @@ def record_step_grads(trainer):
 
 def test_accumulated_clipped_gradient_reaches_the_optimizer(tmp_path):
     def run(batch, accum, clip):
-        trainer = _tiny.make_trainer(tmp_path, model=_tiny.tiny_gpt2(dropout=0.0), max_steps=3, logging_steps=1,
-                                     per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                                     max_grad_norm=clip, optim_args="meta_lr=0.05")
+        trainer = _tiny.make_trainer(
+            tmp_path,
+            model=_tiny.tiny_gpt2(dropout=0.0),
+            max_steps=3,
+            logging_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            max_grad_norm=clip,
+            optim_args="meta_lr=0.05",
+        )
         records = record_step_grads(trainer)
         trainer.train()
         return trainer, records
@@ -179,12 +198,20 @@ def test_accumulated_clipped_gradient_reaches_the_optimizer(tmp_path):
 def test_lora_through_the_trainer(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_tiny.tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
-                                                          fan_in_fan_out=True, lora_dropout=0.0))
+    model = get_peft_model(
+        _tiny.tiny_gpt2(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_dropout=0.0),
+    )
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    trainer = _tiny.make_trainer(tmp_path, model=model, max_steps=6, logging_steps=3,
-                                 optim_args="granularity=layer,meta_lr=0.05", learning_rate=1e-2)
+    trainer = _tiny.make_trainer(
+        tmp_path,
+        model=model,
+        max_steps=6,
+        logging_steps=3,
+        optim_args="granularity=layer,meta_lr=0.05",
+        learning_rate=1e-2,
+    )
     trainer.train()
     optimizer = inner(trainer.optimizer)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}

@@ -5,7 +5,6 @@ the Trainer's default linear schedule."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,45 @@ def test_trl_sft_script_through_the_launcher(tmp_path):
     made = run_python([SCRIPTS / "make_tiny_lm_dir.py", model, data])
     assert made.returncode == 0, made.stderr[-3000:]
     sft = Path(trl.__file__).parent / "scripts" / "sft.py"
-    proc = run_python(["-m", "hf_metaoptimize.launch", sft, "--model_name_or_path", model, "--dataset_name", data,
-                       "--output_dir", out, "--optim", "metaoptimize", "--optim_args", "meta_lr=0.01",
-                       "--learning_rate", "1e-3", "--max_steps", "6", "--logging_steps", "2",
-                       "--per_device_train_batch_size", "4", "--max_length", "32", "--use_cpu", "--bf16", "false",
-                       "--report_to", "none", "--save_strategy", "steps", "--save_steps", "6", "--disable_tqdm", "true"],
-                      timeout=400)
+    proc = run_python(
+        [
+            "-m",
+            "hf_metaoptimize.launch",
+            sft,
+            "--model_name_or_path",
+            model,
+            "--dataset_name",
+            data,
+            "--output_dir",
+            out,
+            "--optim",
+            "metaoptimize",
+            "--optim_args",
+            "meta_lr=0.01",
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "6",
+            "--logging_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_length",
+            "32",
+            "--use_cpu",
+            "--bf16",
+            "false",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "6",
+            "--disable_tqdm",
+            "true",
+        ],
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     logs = [e for e in history if "loss" in e]

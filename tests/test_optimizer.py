@@ -292,8 +292,7 @@ def test_load_own_empty_state_dict_and_add_param_group():
 def test_param_groups_equal_separate_optimizers_for_tensor_granularity():
     params = make_params()
     copies = [p.detach().clone().requires_grad_() for p in params]
-    opt = MetaOptimize([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2,
-                       granularity="tensor")
+    opt = MetaOptimize([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2, granularity="tensor")
     o1 = MetaOptimize(copies[:2], lr=1e-2, granularity="tensor")
     o2 = MetaOptimize(copies[2:], lr=3e-3, granularity="tensor")
     gen = torch.Generator().manual_seed(0)
@@ -323,7 +322,7 @@ def test_step_size_multipliers_are_the_learned_part(gran):
     params = make_params()
     opt = MetaOptimize(params, lr=1e-2, meta_lr=1e-2, granularity=gran)
     run(opt, params, 10)
-    for row, mrow, p in zip(opt.step_sizes(), opt.step_size_multipliers(), params):
+    for row, mrow in zip(opt.step_sizes(), opt.step_size_multipliers()):
         for s, m in zip(row, mrow):
             assert m.dtype == torch.float32 and m.shape == s.shape
             torch.testing.assert_close(s, 1e-2 * m)
@@ -371,8 +370,9 @@ def test_invalid_arguments_raise_with_value_and_fix(kwargs, match):
 def test_block_groups_must_agree_on_meta_settings():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="share block 'x'.*meta_lr"):
-        MetaOptimize([{"params": [a], "block": "x"}, {"params": [b], "block": "x", "meta_lr": 1e-2}],
-                     granularity="block")
+        MetaOptimize(
+            [{"params": [a], "block": "x"}, {"params": [b], "block": "x", "meta_lr": 1e-2}], granularity="block"
+        )
 
 
 def test_sgd_and_rmsprop_accept_a_bare_float_beta():
@@ -452,6 +452,7 @@ def forbid_host_reads(monkeypatch):
     def forbid(name):
         def raiser(self, *a, **k):
             raise _HostSync(f"host read of a tensor value: Tensor.{name}")
+
         return raiser
 
     @contextlib.contextmanager

@@ -59,8 +59,16 @@ def assert_params_equal(a, b, rtol=1e-10, atol=1e-12) -> None:
 def test_meta_lr_zero_is_torch_adamw(granularity):
     params = make_params()
     theirs = clone_params(params)
-    ref = MetaOptimizeReference(params, lr=1e-2, base="adamw", granularity=granularity, meta_lr=0.0,
-                                betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    ref = MetaOptimizeReference(
+        params,
+        lr=1e-2,
+        base="adamw",
+        granularity=granularity,
+        meta_lr=0.0,
+        betas=(0.8, 0.95),
+        eps=1e-6,
+        weight_decay=0.1,
+    )
     torch_opt = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
     for grads_t in make_grads():
         apply(ref, params, grads_t)
@@ -93,8 +101,16 @@ def test_meta_lr_zero_rmsprop_is_torch_adamw_without_momentum(granularity):
     # Bias-corrected RMSProp == Adam with beta1 = 0 (m_hat = g), weight decay decoupled in both.
     params = make_params()
     theirs = clone_params(params)
-    ref = MetaOptimizeReference(params, lr=1e-2, base="rmsprop", granularity=granularity, meta_lr=0.0,
-                                betas=(0.95,), eps=1e-7, weight_decay=0.05)
+    ref = MetaOptimizeReference(
+        params,
+        lr=1e-2,
+        base="rmsprop",
+        granularity=granularity,
+        meta_lr=0.0,
+        betas=(0.95,),
+        eps=1e-7,
+        weight_decay=0.05,
+    )
     torch_opt = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.0, 0.95), eps=1e-7, weight_decay=0.05)
     for grads_t in make_grads():
         apply(ref, params, grads_t)
@@ -108,8 +124,7 @@ def test_meta_lr_zero_lion_is_hand_written_lion(granularity):
     params = make_params()
     ours = [p.detach().clone() for p in params]
     moments = [torch.zeros_like(p) for p in ours]
-    ref = MetaOptimizeReference(params, lr=lr, base="lion", granularity=granularity, meta_lr=0.0,
-                                weight_decay=kappa)
+    ref = MetaOptimizeReference(params, lr=lr, base="lion", granularity=granularity, meta_lr=0.0, weight_decay=kappa)
     for grads_t in make_grads():
         apply(ref, params, grads_t)
         for i, g in enumerate(grads_t):
@@ -130,8 +145,9 @@ def test_meta_lr_zero_lion_is_hand_written_lion(granularity):
 def test_trace_is_total_displacement_when_gamma_one(base, meta, granularity):
     params = make_params()
     w0 = [p.detach().clone() for p in params]
-    ref = MetaOptimizeReference(params, lr=1e-2, base=base, meta=meta, granularity=granularity,
-                                meta_lr=1e-2, gamma=1.0, weight_decay=0.0)
+    ref = MetaOptimizeReference(
+        params, lr=1e-2, base=base, meta=meta, granularity=granularity, meta_lr=1e-2, gamma=1.0, weight_decay=0.0
+    )
     for grads_t in make_grads(drift=1.0):
         apply(ref, params, grads_t)
     for p, start in zip(params, w0):
@@ -147,8 +163,9 @@ def test_trace_is_total_displacement_when_gamma_one(base, meta, granularity):
 def test_gamma_zero_is_hypergradient_descent_with_lion_meta(base):
     eta, c_bar, rho_bar = 0.01, 0.9, 0.99
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, base=base, meta="lion", granularity="scalar",
-                                meta_lr=eta, gamma=0.0, weight_decay=0.1)
+    ref = MetaOptimizeReference(
+        params, lr=1e-2, base=base, meta="lion", granularity="scalar", meta_lr=eta, gamma=0.0, weight_decay=0.1
+    )
     prev_dw = [torch.zeros_like(p) for p in params]
     log_step, m_bar = 0.0, 0.0
     moves = 0
@@ -177,8 +194,18 @@ def test_gamma_zero_is_hypergradient_descent_with_lion_meta(base):
 def test_trace_and_meta_recursions_by_hand(base, meta, granularity):
     lr, eta, gamma, kappa, b1, b2 = 1e-2, 1e-2, 0.9, 0.1, 0.8, 0.95
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=lr, base=base, meta=meta, granularity=granularity, meta_lr=eta,
-                                gamma=gamma, weight_decay=kappa, meta_betas=(b1, b2), meta_eps=1e-7)
+    ref = MetaOptimizeReference(
+        params,
+        lr=lr,
+        base=base,
+        meta=meta,
+        granularity=granularity,
+        meta_lr=eta,
+        gamma=gamma,
+        weight_decay=kappa,
+        meta_betas=(b1, b2),
+        meta_eps=1e-7,
+    )
     apply(ref, params, make_grads(steps=1, seed=7)[0])
     for s, grads_t in enumerate(make_grads(drift=0.5), start=2):
         w_old = [p.detach().clone() for p in params]
@@ -193,8 +220,9 @@ def test_trace_and_meta_recursions_by_hand(base, meta, granularity):
             alpha = lr * torch.exp(o["log_step"])
             dw = p.detach() - w
             # h <- gamma (1 - kappa alpha) h + dw
-            torch.testing.assert_close(state["trace"], gamma * (1 - kappa * alpha) * o["trace"] + dw,
-                                       rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(
+                state["trace"], gamma * (1 - kappa * alpha) * o["trace"] + dw, rtol=1e-9, atol=1e-15
+            )
             if meta == "adam":
                 m = b1 * o["meta_exp_avg"] + (1 - b1) * zp
                 v = b2 * o["meta_exp_avg_sq"] + (1 - b2) * zp**2
@@ -219,11 +247,14 @@ def test_scalar_equals_block_with_one_block(base, meta):
     params_b = clone_params(params_s)
     params_n = clone_params(params_s)
     # Two groups with different lr: scalar granularity vs one shared "block" key.
-    scalar = MetaOptimizeReference([{"params": params_s[:2], "lr": 1e-2}, {"params": params_s[2:], "lr": 3e-3}],
-                                   granularity="scalar", **kwargs)
-    block = MetaOptimizeReference([{"params": params_b[:2], "lr": 1e-2, "block": "all"},
-                                   {"params": params_b[2:], "lr": 3e-3, "block": "all"}],
-                                  granularity="block", **kwargs)
+    scalar = MetaOptimizeReference(
+        [{"params": params_s[:2], "lr": 1e-2}, {"params": params_s[2:], "lr": 3e-3}], granularity="scalar", **kwargs
+    )
+    block = MetaOptimizeReference(
+        [{"params": params_b[:2], "lr": 1e-2, "block": "all"}, {"params": params_b[2:], "lr": 3e-3, "block": "all"}],
+        granularity="block",
+        **kwargs,
+    )
     # One group without a block key is one block too.
     single = MetaOptimizeReference([{"params": params_n, "lr": 1e-2}], granularity="block", **kwargs)
     single_scalar_params = clone_params(params_s)
@@ -268,8 +299,9 @@ def test_block_with_one_group_per_tensor_equals_tensor(base, meta):
 def test_lion_meta_moves_log_step_by_exactly_meta_lr(base, granularity):
     eta = 0.01
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, base=base, meta="lion", granularity=granularity, meta_lr=eta,
-                                gamma=0.999, weight_decay=0.1)
+    ref = MetaOptimizeReference(
+        params, lr=1e-2, base=base, meta="lion", granularity=granularity, meta_lr=eta, gamma=0.999, weight_decay=0.1
+    )
     seen_move = False
     for grads_t in make_grads():
         before = [ref.state[p]["log_step"].clone() if ref.state[p] else torch.zeros(()) for p in params]
@@ -287,8 +319,9 @@ def test_lion_meta_moves_log_step_by_exactly_meta_lr(base, granularity):
 def test_log_step_stays_within_bounds(meta, granularity):
     lo, hi = -0.05, 0.03
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, base="adamw", meta=meta, granularity=granularity, meta_lr=0.02,
-                                log_step_bounds=(lo, hi))
+    ref = MetaOptimizeReference(
+        params, lr=1e-2, base="adamw", meta=meta, granularity=granularity, meta_lr=0.02, log_step_bounds=(lo, hi)
+    )
     # Gradients with a fixed mean: z = h . g < 0, so the step sizes keep growing until the upper bound.
     for grads_t in make_grads(steps=30, drift=2.0):
         apply(ref, params, grads_t)

@@ -139,4 +139,3 @@ def uninstall_pth(site_dir: str | os.PathLike | None = None) -> Path | None:
 def pth_status(site_dir: str | os.PathLike | None = None) -> Path | None:
     path = (Path(site_dir) if site_dir is not None else default_site_dir()) / PTH_NAME
     return path if path.exists() else None
-

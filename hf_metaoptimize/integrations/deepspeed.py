@@ -21,8 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..optimizer import MetaOptimize
+from .deepspeed_config import check_config
 
 __all__ = ["attach", "check_config", "SUPPORTED"]
+
 
 #: DeepSpeed versions whose ZeRO internals this module was verified against (major, minor).
 SUPPORTED = ((0, 16), (0, 19))
@@ -85,31 +87,3 @@ def attach(engine_or_optimizer: Any) -> MetaOptimize:
         return opt
     opt._attach_partitions(members, group, origin)
     return opt
-
-
-def check_config(config: dict[str, Any], *, client_optimizer: bool = True) -> None:
-    """Refuse DeepSpeed configs that would silently drop or replace the MetaOptimize client optimizer.
-
-    - a config with its own ``"optimizer"`` key (even ``{}`` or ``null``) makes DeepSpeed (and accelerate) build that optimizer
-      instead of ours;
-    - optimizer offload without ``"zero_force_ds_cpu_optimizer": false`` makes accelerate swap ours for
-      ``DeepSpeedCPUAdam``.
-    """
-    if not client_optimizer:
-        return
-    if "optimizer" in config:  # transformers and DeepSpeed test the key's presence, not its truth: {} and null count
-        section = config["optimizer"]
-        kind = section.get("type", "?") if isinstance(section, dict) else repr(section)
-        raise ValueError(
-            f"the DeepSpeed config has its own \"optimizer\" section (type {kind!r}), which silently replaces "
-            "MetaOptimize (--optim metaoptimize would be ignored). Remove the \"optimizer\" section from the "
-            "DeepSpeed config."
-        )
-    zero = config.get("zero_optimization", {}) or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if offload not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True) not in (False, "false"):
-        raise ValueError(
-            f"the DeepSpeed config offloads the optimizer (offload_optimizer.device={offload!r}) without "
-            "\"zero_force_ds_cpu_optimizer\": false, so accelerate silently replaces MetaOptimize with "
-            "DeepSpeedCPUAdam. Add \"zero_force_ds_cpu_optimizer\": false to the DeepSpeed config."
-        )

@@ -92,26 +92,64 @@ OPTIM_ARGS: dict[str, OptimArg] = {
     for a in (
         OptimArg("base", _choice(BASES), "base rule that takes the steps (default: from --optim)"),
         OptimArg("meta", _choice(METAS), "meta rule that learns the log step sizes", _D["meta"]),
-        OptimArg("granularity", _choice(GRANULARITIES),
-                 "how many step sizes: one (scalar), one per transformer layer + embeddings + head (layer), "
-                 "one per tensor, one per weight (element)", _D["granularity"]),
-        OptimArg("meta_lr", _as_float, "meta step size eta on the log step sizes", _D["meta_lr"],
-                 lambda v: v >= 0, ">= 0"),
+        OptimArg(
+            "granularity",
+            _choice(GRANULARITIES),
+            "how many step sizes: one (scalar), one per transformer layer + embeddings + head (layer), "
+            "one per tensor, one per weight (element)",
+            _D["granularity"],
+        ),
+        OptimArg(
+            "meta_lr", _as_float, "meta step size eta on the log step sizes", _D["meta_lr"], lambda v: v >= 0, ">= 0"
+        ),
         OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", _D["gamma"], _in(0, 1), "in [0, 1]"),
-        OptimArg("meta_beta1", _as_float, "meta rule's first coefficient (lion: c_bar 0.9; adam: 0.9)", None,
-                 _in(0, 1, hi_open=True), "in [0, 1)"),
-        OptimArg("meta_beta2", _as_float, "meta rule's second coefficient (lion: rho_bar 0.99; adam: 0.999)", None,
-                 _in(0, 1, hi_open=True), "in [0, 1)"),
+        OptimArg(
+            "meta_beta1",
+            _as_float,
+            "meta rule's first coefficient (lion: c_bar 0.9; adam: 0.9)",
+            None,
+            _in(0, 1, hi_open=True),
+            "in [0, 1)",
+        ),
+        OptimArg(
+            "meta_beta2",
+            _as_float,
+            "meta rule's second coefficient (lion: rho_bar 0.99; adam: 0.999)",
+            None,
+            _in(0, 1, hi_open=True),
+            "in [0, 1)",
+        ),
         OptimArg("meta_eps", _as_float, "meta Adam's epsilon (meta=adam only)", None, lambda v: v > 0, "> 0"),
-        OptimArg("log_step_min", _as_float, "lower clamp of the learned log step multiplier", _D["log_step_bounds"][0],
-                 lambda v: v <= 0, "<= 0"),
-        OptimArg("log_step_max", _as_float, "upper clamp of the learned log step multiplier", _D["log_step_bounds"][1],
-                 lambda v: v >= 0, ">= 0"),
-        OptimArg("skip_nonfinite", _as_bool, "skip a step whose gradient or meta-gradient is not finite",
-                 _D["skip_nonfinite"]),
+        OptimArg(
+            "log_step_min",
+            _as_float,
+            "lower clamp of the learned log step multiplier",
+            _D["log_step_bounds"][0],
+            lambda v: v <= 0,
+            "<= 0",
+        ),
+        OptimArg(
+            "log_step_max",
+            _as_float,
+            "upper clamp of the learned log step multiplier",
+            _D["log_step_bounds"][1],
+            lambda v: v >= 0,
+            ">= 0",
+        ),
+        OptimArg(
+            "skip_nonfinite",
+            _as_bool,
+            "skip a step whose gradient or meta-gradient is not finite",
+            _D["skip_nonfinite"],
+        ),
         OptimArg("foreach", _as_bool, "use the multi-tensor (foreach) kernels (default: auto)", None),
-        OptimArg("fused", _as_bool, "one torch.compile'd kernel per tensor: faster on large models, compiles "
-                 "for seconds at the first step (default: false)", False),
+        OptimArg(
+            "fused",
+            _as_bool,
+            "one torch.compile'd kernel per tensor: faster on large models, compiles "
+            "for seconds at the first step (default: false)",
+            False,
+        ),
     )
 }
 

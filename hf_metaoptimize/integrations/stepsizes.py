@@ -111,14 +111,18 @@ def step_size_logs(optimizer: Any, trainer: Any = None, learning_rate: float | N
         block_values.append(stacked[0] if granularity == "block" else stacked.median())
     if granularity == "block":
         units = block_values
-    summary = torch.stack(
-        [
-            torch.stack([t.to(device) for t in lows]).amin(),
-            torch.stack([t.to(device) for t in units]).median(),
-            torch.stack([t.to(device) for t in highs]).amax(),
-            *block_values,
-        ]
-    ).cpu().tolist()  # the one host transfer
+    summary = (
+        torch.stack(
+            [
+                torch.stack([t.to(device) for t in lows]).amin(),
+                torch.stack([t.to(device) for t in units]).median(),
+                torch.stack([t.to(device) for t in highs]).amax(),
+                *block_values,
+            ]
+        )
+        .cpu()
+        .tolist()
+    )  # the one host transfer
     out = {"step_size/min": summary[0], "step_size/median": summary[1], "step_size/max": summary[2]}
     for block, value in zip(order, summary[3:]):
         out[f"step_size/{block}"] = value

@@ -122,8 +122,9 @@ class StepSizePlotCallback(TrainerCallback):
         print_summary: also print the final step sizes to stdout.
     """
 
-    def __init__(self, filename: str = "step_sizes.png", output_dir: str | os.PathLike | None = None,
-                 print_summary: bool = False):
+    def __init__(
+        self, filename: str = "step_sizes.png", output_dir: str | os.PathLike | None = None, print_summary: bool = False
+    ):
         self.filename = filename
         self.output_dir = output_dir
         self.print_summary = print_summary
@@ -183,4 +184,3 @@ def load_training_args(path: str | os.PathLike) -> TrainingArguments:
 
     register()
     return torch.load(path, weights_only=False)
-

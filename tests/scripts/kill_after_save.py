@@ -1,6 +1,6 @@
 """Train the resume-test configuration and SIGKILL this process right after checkpoint STEP is written.
 
-    python tests/scripts/kill_after_save.py OUTPUT_DIR STEP
+python tests/scripts/kill_after_save.py OUTPUT_DIR STEP
 """
 
 import os

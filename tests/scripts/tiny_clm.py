@@ -34,7 +34,11 @@ def main():
     parser = HfArgumentParser((ModelArguments, TrainingArguments))
     model_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-    logger.info("parsed arguments: optim=%s lr_scheduler_type=%s", training_args.optim.value, training_args.lr_scheduler_type.value)
+    logger.info(
+        "parsed arguments: optim=%s lr_scheduler_type=%s",
+        training_args.optim.value,
+        training_args.lr_scheduler_type.value,
+    )
     torch.set_num_threads(1)
     set_seed(training_args.seed)
 
@@ -45,8 +49,15 @@ def main():
     ids = ((start + stride * torch.arange(seq)) % vocab).tolist()
     train = Dataset.from_dict({"input_ids": ids, "labels": ids})
 
-    config = GPT2Config(n_layer=model_args.n_layer, n_embd=model_args.n_embd, n_head=2, vocab_size=vocab,
-                        n_positions=seq, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=model_args.n_layer,
+        n_embd=model_args.n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=seq,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=default_data_collator)
     trainer.train()
