@@ -218,48 +218,52 @@ class MetaOptimize(Optimizer):
 
     def _validate(self, gi: int, group: dict[str, Any]) -> None:
         """Validation in one place: the group's own values (:func:`hf_metaoptimize.spec.normalize_group`), then
-        the rules across groups (one algorithm per optimizer, one meta update per block)."""
+        the rules across groups (:meth:`_check_across`)."""
         normalize_group(group, where=f"param group {gi}")
-        groups = self.param_groups
-        for key in GLOBAL_KEYS:
-            first = groups[0][key]
-            if group[key] != first:
-                raise ValueError(
-                    f"every param group must use the same {key!r}: group 0 has {first!r}, group "
-                    f"{gi} has {group[key]!r}; use one MetaOptimize per {key}"
-                )
-        self._check_blocks()
+        self._check_across(self.__dict__.get("_all_groups", self.param_groups))
 
     def _check_groups(self, force: bool = False) -> None:
         """Re-validate every param group that is new, edited or loaded since the last check (before a step uses it).
 
         A group's values are compared with a snapshot taken when it was last validated (tensors by identity, no
-        value read); ``lr`` is checked on its own, cheaply, because schedulers change it every step. Costs a few
-        microseconds per group per step.
+        value read); ``lr`` is checked on its own, cheaply, because schedulers change it every step. Every changed
+        group is normalized first, then the rules across groups run once. Costs a few microseconds per group per
+        step.
         """
         groups = self._all_groups
         snaps = self.__dict__.setdefault("_group_snapshots", {})
+        changed = False
         for gi, group in enumerate(groups):
-            snap = _snapshot(group)
-            if force or snaps.get(gi) != snap:
-                self._validate(gi, group)
-                snaps[gi] = _snapshot(group)  # after normalization (lists -> tuples, defaults filled)
+            if force or snaps.get(gi) != _snapshot(group):
+                normalize_group(group, where=f"param group {gi}")
+                changed = True
                 continue
             lr = group["lr"]
-            if type(lr) is float or type(lr) is int:
-                if not 0 <= lr < math.inf:  # False for NaN too
-                    check_lr(lr, f"param group {gi}")
-        for gi in [k for k in snaps if k >= len(groups)]:
-            del snaps[gi]
+            if (type(lr) is float or type(lr) is int) and not 0 <= lr < math.inf:  # False for NaN too
+                check_lr(lr, f"param group {gi}")
+        if changed or len(snaps) != len(groups):
+            self._check_across(groups)
+            snaps.clear()
+            snaps.update((gi, _snapshot(group)) for gi, group in enumerate(groups))
 
-    def _check_blocks(self) -> None:
+    @staticmethod
+    def _check_across(groups: list[dict[str, Any]]) -> None:
+        """One algorithm per optimizer (GLOBAL_KEYS equal in every group), one meta update per block."""
+        for gi, group in enumerate(groups):
+            for key in GLOBAL_KEYS:
+                first = groups[0][key]
+                if group[key] != first:
+                    raise ValueError(
+                        f"every param group must use the same {key!r}: group 0 has {first!r}, group "
+                        f"{gi} has {group[key]!r}; use one MetaOptimize per {key}"
+                    )
         seen: dict[Any, int] = {}
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             key = group.get("block", None)
             if key is None:
                 continue
             if key in seen:
-                other = self.param_groups[seen[key]]
+                other = groups[seen[key]]
                 for k in BLOCK_KEYS:
                     if other[k] != group[k]:
                         raise ValueError(
@@ -268,9 +272,9 @@ class MetaOptimize(Optimizer):
                         )
             else:
                 seen[key] = gi
-        if self.param_groups[0]["granularity"] == "scalar":
-            ref = self.param_groups[0]
-            for gi, group in enumerate(self.param_groups[1:], start=1):
+        if groups and groups[0]["granularity"] == "scalar":
+            ref = groups[0]
+            for gi, group in enumerate(groups[1:], start=1):
                 for k in BLOCK_KEYS:
                     if ref[k] != group[k]:
                         raise ValueError(

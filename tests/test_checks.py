@@ -176,6 +176,19 @@ def test_edited_group_values_are_checked_before_the_next_step():
         steps(opt, a, 1)
 
 
+def test_groups_of_one_block_edited_alike_stay_valid():
+    a = params()
+    opt = MetaOptimize([{"params": [a[0]], "block": "x"}, {"params": [a[1]], "block": "x"}], granularity="block")
+    steps(opt, a, 1)
+    for group in opt.param_groups:  # lists, as torch accepts them: normalized before they are compared
+        group["log_step_bounds"] = [-3, 3]
+    steps(opt, a, 1)
+    assert [g["log_step_bounds"] for g in opt.param_groups] == [(-3.0, 3.0)] * 2
+    opt.param_groups[1]["meta_lr"] = 0.5
+    with pytest.raises(ValueError, match="share block 'x' but differ in 'meta_lr'"):
+        steps(opt, a, 1)
+
+
 def test_add_param_group_checks_a_bare_tensor_and_leaves_nothing_behind():
     opt = MetaOptimize(params(), lr=1e-2)
     with pytest.raises(ValueError, match="real floating-point parameters only"):
