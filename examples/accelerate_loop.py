@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_metaoptimize import MetaOptimize
+from hf_metaoptimize.distributed import shutdown
 
 
 def digits():
@@ -120,8 +121,7 @@ def main() -> None:
     if args.checkpoint_dir:
         accelerator.save_state(args.checkpoint_dir)
         accelerator.print(f"saved state (weights, optimizer incl. learned step sizes) to {args.checkpoint_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the process group: a multi-process run then exits cleanly
+    shutdown()  # barrier + destroy_process_group + a moment for gloo's threads: a multi-process run exits cleanly
 
 
 if __name__ == "__main__":

@@ -13,13 +13,18 @@ was imported by whoever built it.
 
 from __future__ import annotations
 
+import gc
 import sys
+import time
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["local_tensor", "any_dtensor", "shard_group", "reduce_partial_sums"]
+__all__ = ["local_tensor", "any_dtensor", "shard_group", "reduce_partial_sums", "shutdown"]
+
+#: Seconds ``shutdown()`` releases the GIL after destroying the process groups (see its docstring).
+DRAIN_SECONDS = 0.2
 
 
 def _dtensor_type() -> type | None:
@@ -84,3 +89,32 @@ def reduce_partial_sums(vec: Tensor, mask: Tensor, groups: list[Any]) -> Tensor:
     part = vec * mask
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=groups[0])
     return part + vec * (1 - mask)
+
+
+def shutdown(barrier: bool = True) -> None:
+    """End a multi-process run cleanly: barrier, ``destroy_process_group()``, then let gloo's threads finish.
+
+    Why each part (CPU / gloo, measured): left to interpreter exit, an initialised process group aborts a finished
+    rank now and then (``terminate called without an active exception``, SIGABRT). The barrier makes every rank
+    done with communication before any tears down. The destroy alone is not enough: a backtrace of the abort shows
+    a gloo worker thread destroying a completed barrier's work object, which holds weak references to the
+    collectives that were in flight when the barrier was issued (c10::intrusive_ptr runs a destructor when the
+    last weak reference goes); their tensors are owned by Python, freeing them takes the GIL, and Python 3.11
+    ends a thread that asks for the GIL during finalisation with pthread_exit, whose forced unwind through that
+    noexcept destructor is the ``std::terminate``. So after the destroy, ``gc.collect()`` drops Python-side
+    cycles and a short sleep (:data:`DRAIN_SECONDS`) releases the GIL, so that the worker threads finish that
+    destruction (microseconds of work) while the interpreter is still alive.
+
+    ``barrier=False`` skips the barrier (use it when this rank failed: the others may never reach it). A no-op
+    when torch.distributed was never imported or no process group is initialised.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        gc.collect()
+        time.sleep(DRAIN_SECONDS)

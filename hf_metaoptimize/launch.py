@@ -14,9 +14,9 @@ that set HF_HOME & co. before importing transformers behave as usual). Then the 
 `sys.argv` and `sys.path[0]` as `python train.py ARGS...` / `python -m package.module ARGS...` would set them.
 
 When the target returns (or exits with status 0), a default process group it left initialised (the Trainer and
-accelerate never destroy theirs) is torn down with a barrier and ``destroy_process_group()``: left to interpreter
-finalisation, gloo's threads are now and then destroyed while still joinable and the rank aborts with
-``terminate called without an active exception`` after a finished run. When the target raises, the group is
+accelerate never destroy theirs) is torn down by :func:`hf_metaoptimize.distributed.shutdown` (barrier,
+``destroy_process_group()``, then a moment for gloo's threads): left to interpreter finalisation, a finished rank
+now and then aborts with ``terminate called without an active exception``. When the target raises, the group is
 destroyed without the barrier (the other ranks may be gone) and the exception propagates unchanged.
 """
 
@@ -34,18 +34,14 @@ USAGE = (
 
 
 def _teardown_process_group(clean: bool) -> None:
-    """Destroy a default process group the target left initialised (barrier first after a clean finish).
-
-    Reads ``sys.modules`` only: a target that never imported torch.distributed costs nothing here.
-    """
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    """Tear down a process group the target left initialised (:func:`hf_metaoptimize.distributed.shutdown`; the
+    barrier only after a clean finish). Reads ``sys.modules`` first: a target that never imported torch.distributed
+    costs nothing here."""
+    if "torch.distributed" not in sys.modules:
         return
-    try:
-        if clean:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    from .distributed import shutdown
+
+    shutdown(barrier=clean)
 
 
 def _clean_exit(err: SystemExit) -> bool:

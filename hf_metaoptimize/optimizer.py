@@ -454,22 +454,48 @@ class MetaOptimize(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         self._check_groups()  # groups edited or loaded since the last step are validated before use
-        groups = self._all_groups
-        gran = groups[0]["granularity"]
-        shared = gran in ("scalar", "block")
-        part = self._partitions
-        if part is None:
+        if self._partitions is None:
             _refuse_unattached_partitions(self)
-        # the groups this call steps (all of them, except under DeepSpeed ZeRO: one group / sub-group per call)
-        gindex = {id(g): i for i, g in enumerate(groups)}
-        visible = [(gindex[id(g)], g) for g in self.param_groups]
+        active = self._init_group()
+        if not active:
+            return loss
+        grads = {gi: self._grads(plist) for gi, _, plist in active}
+        # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
+        zvec, zelem = self._local_meta_grads(active, grads)
+        if self._partitions is not None:  # DeepSpeed ZeRO: this call sees some partitions only
+            return self._partitioned_finish(loss, active, grads, zvec, zelem)
+        zvec = self._complete_sharded(active, zvec)  # FSDP2: one all-reduce completes the partial sums
+        red, keys = self._block_sums(active, zvec)
+        ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
+        # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
+        for group, plist, glist in _merge_groups(active, grads):
+            _base_group_step(self.state, group, plist, glist, okf, sanitize=ok is not None)
+        # Algorithm 3 step 4: the meta step on each block
+        if self._all_groups[0]["granularity"] == "element":
+            self._element_meta_steps(active, zelem, ok, okf)
+        else:
+            for group, members, z in self._block_members(active, red, keys):
+                _meta_step_shared(self.state, group, members, z, okf)
+        if ok is not None:
+            counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
+            torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
+        return loss
 
-        # ---- gather params with grads; lazy state (params may have been swapped since __init__)
+    def _init_group(self) -> list[tuple[int, dict[str, Any], list[Tensor]]]:
+        """(group index, group, params with a grad) for the groups this call steps, with lazy state.
+
+        Every group, except under DeepSpeed ZeRO (one group / sub-group per call). State is created here, not in
+        ``__init__``: FSDP2 swaps the params after construction, ZeRO hands in flat partitions. A new member of a
+        scalar / block step size copies its block's current log step and meta state.
+        """
+        groups = self._all_groups
+        shared = groups[0]["granularity"] in ("scalar", "block")
+        gindex = {id(g): i for i, g in enumerate(groups)}
         active: list[tuple[int, dict[str, Any], list[Tensor]]] = []
         donors: dict[Any, dict[str, Tensor]] | None = None
-        for gi, group in visible:
+        for group in self.param_groups:
+            gi = gindex[id(group)]
             plist = []
             for p in group["params"]:
                 if p.grad is None:
@@ -488,112 +514,98 @@ class MetaOptimize(Optimizer):
                 plist.append(p)
             if plist:
                 active.append((gi, group, plist))
-        if not active:
-            return loss
+        return active
 
-        # ---- Algorithm 3 step 1: meta-gradient from the OLD trace, z_p = <h_p, g_p> (float32+)
-        grads: dict[int, list[Tensor]] = {}
-        zparts: list[Tensor] = []  # per param: 0-d partial dot products (element: per-param sums)
+    def _grads(self, params: list[Tensor]) -> list[Tensor]:
+        """The gradients as the math reads them: in the trace's dtype (float32+; a copy for low precision)."""
+        out = []
+        for p in params:
+            h, g = self.state[p]["trace"], p.grad
+            out.append(g if g.dtype == h.dtype else g.to(h.dtype))
+        return out
+
+    def _local_meta_grads(
+        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], grads: dict[int, list[Tensor]]
+    ) -> tuple[Tensor, dict[int, list[Tensor]]]:
+        """Algorithm 3 step 1 on rank-local tensors: one 0-d ``<h_p, g_p>`` per param, stacked; for element
+        granularity (foreach path) also the elementwise ``h * g`` per param, which the meta step consumes."""
+        element = self._all_groups[0]["granularity"] == "element"
+        zparts: list[Tensor] = []
         zelem: dict[int, list[Tensor]] = {}
-        home = active[0][2][0].device
         for gi, group, plist in active:
-            gl = []
-            for p in plist:
-                h = self.state[p]["trace"]
-                g = p.grad
-                if g.dtype != h.dtype:
-                    g = g.to(h.dtype)
-                gl.append(g)
-            grads[gi] = gl
-            traces = [self.state[p]["trace"] for p in plist]
-            if gran == "element" and not group.get("fused"):
-                ze = torch._foreach_mul([_local(h) for h in traces], [_local(g) for g in gl])
+            traces = [_local(self.state[p]["trace"]) for p in plist]
+            gl = [_local(g) for g in grads[gi]]
+            if element and not group.get("fused"):
+                ze = torch._foreach_mul(traces, gl)
                 zelem[gi] = ze
-                zparts.extend(_local(z).sum() for z in ze)
+                zparts.extend(z.sum() for z in ze)
             else:
-                zparts.extend(torch.dot(_local(h).reshape(-1), _local(g).reshape(-1)) for h, g in zip(traces, gl))
+                zparts.extend(torch.dot(h.reshape(-1), g.reshape(-1)) for h, g in zip(traces, gl))
         if len({(z.device, z.dtype) for z in zparts}) > 1:  # params on several devices / of mixed precision
             wide = torch.float64 if any(z.dtype == torch.float64 for z in zparts) else torch.float32
+            home = active[0][2][0].device
             zparts = [z.to(device=home, dtype=wide) for z in zparts]
-        zvec = torch.stack(zparts)
-        if part is not None:
-            return self._partitioned_finish(loss, active, grads, zvec, zelem)
-        # sharded params (FSDP2) contributed rank-local partial sums: one all-reduce completes them
+        return torch.stack(zparts), zelem
+
+    def _complete_sharded(self, active: list[tuple[int, dict[str, Any], list[Tensor]]], zvec: Tensor) -> Tensor:
+        """Entries of sharded params (FSDP2 DTensors) are rank-local partial sums: one all-reduce completes them
+        (:mod:`hf_metaoptimize.distributed`); replicated params (one process, DDP) are left as they are."""
         pgroups = [shard_group(p) for _, _, plist in active for p in plist]
-        if any(g is not None for g in pgroups):
-            distinct = list({id(g): g for g in pgroups if g is not None}.values())
-            mask = self._cached_index(tuple(int(g is not None) for g in pgroups), zvec.device)
-            zvec = reduce_partial_sums(zvec, mask, distinct)
+        if all(g is None for g in pgroups):
+            return zvec
+        distinct = list({id(g): g for g in pgroups if g is not None}.values())
+        mask = self._cached_index(tuple(int(g is not None) for g in pgroups), zvec.device)
+        return reduce_partial_sums(zvec, mask, distinct)
 
-        # ---- block sums (one value per block; the all-reduce point for sharded backends)
+    def _block_sums(
+        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], zvec: Tensor
+    ) -> tuple[Tensor, dict[Any, int] | None]:
+        """One meta-gradient per block: scalar sums every z_p, block sums by block key (``keys``: key -> row),
+        tensor and element keep one entry per param."""
+        gran = self._all_groups[0]["granularity"]
         if gran == "scalar":
-            red = zvec.sum().reshape(1)
-        elif gran == "block":
-            keys: dict[Any, int] = {}
-            layout = []
-            for gi, group, plist in active:
-                for p in plist:
-                    layout.append(keys.setdefault(self._block_key(gi, group, p), len(keys)))
-            red = torch.zeros(len(keys), dtype=zvec.dtype, device=zvec.device)
-            red.index_add_(0, self._cached_index(tuple(layout), zvec.device), zvec)
-        else:
-            red = zvec
+            return zvec.sum().reshape(1), None
+        if gran != "block":
+            return zvec, None
+        keys: dict[Any, int] = {}
+        layout = [keys.setdefault(self._block_key(gi, g, p), len(keys)) for gi, g, plist in active for p in plist]
+        red = torch.zeros(len(keys), dtype=zvec.dtype, device=zvec.device)
+        red.index_add_(0, self._cached_index(tuple(layout), zvec.device), zvec)
+        return red, keys
 
-        # ---- non-finite guard (Algorithm 3 is skipped as a whole, without a host sync)
-        skip = groups[0]["skip_nonfinite"]
-        if skip:
-            ok = torch.isfinite(red.sum())
-            okf = ok.to(zvec.dtype)
-        else:
-            ok = None
-            okf = torch.ones((), dtype=zvec.dtype, device=zvec.device)
-        if ok is not None:
-            red = torch.where(ok, red, torch.zeros((), dtype=red.dtype, device=red.device))
-
-        # ---- Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
-        for group, plist, glist in _merge_groups(active, grads):
-            _base_group_step(self.state, group, plist, glist, okf, sanitize=ok is not None)
-
-        # ---- Algorithm 3 step 4: meta step on each block (every member with state of an active block)
-        if gran == "element":
-            self._element_meta_steps(active, zelem, ok, okf)
-            counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
-        else:
-            if gran == "tensor":
-                members = [(group, plist) for _, group, plist in active]
-                zmem = [red]
-            elif gran == "scalar":
-                members = []
-                for group in groups:
-                    ml = [p for p in group["params"] if self.state.get(p)]
-                    if ml:
-                        members.append((group, ml))
-                zmem = [red.reshape(())]
-            else:  # block: members of active blocks, their z gathered from the block sums
-                members, layout = [], []
-                for gi, group in enumerate(groups):
-                    ml = []
-                    for p in group["params"]:
-                        k = self._block_key(gi, group, p)
-                        if k in keys and self.state.get(p):
-                            ml.append(p)
-                            layout.append(keys[k])
-                    if ml:
-                        members.append((group, ml))
-                zmem = [red.index_select(0, self._cached_index(tuple(layout), red.device))]
-            zall = zmem[0]
-            start = 0
-            for group, ml in members:
-                if gran == "scalar":
-                    z = zall
-                else:
-                    z = zall[start : start + len(ml)]
-                    start += len(ml)
-                _meta_step_shared(self.state, group, ml, z, okf)
-            counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
-        if ok is not None:
-            torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
-        return loss
+    def _block_members(
+        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], red: Tensor, keys: dict[Any, int] | None
+    ) -> list[tuple[dict[str, Any], list[Tensor], Tensor]]:
+        """(group, members, z) for the 0-d meta steps: every member WITH STATE of a block that has a param in this
+        step (scalar: all of them; tensor: the active params), with the block's meta-gradient for each member."""
+        groups = self._all_groups
+        gran = groups[0]["granularity"]
+        if gran == "tensor":
+            out, start = [], 0
+            for _, group, plist in active:
+                out.append((group, plist, red[start : start + len(plist)]))
+                start += len(plist)
+            return out
+        if gran == "scalar":
+            z = red.reshape(())
+            members = [(g, [p for p in g["params"] if self.state.get(p)]) for g in groups]
+            return [(g, ml, z) for g, ml in members if ml]
+        members, layout = [], []  # block: members of active blocks, their z gathered from the block sums
+        for gi, group in enumerate(groups):
+            ml = []
+            for p in group["params"]:
+                k = self._block_key(gi, group, p)
+                if k in keys and self.state.get(p):
+                    ml.append(p)
+                    layout.append(keys[k])
+            if ml:
+                members.append((group, ml))
+        zall = red.index_select(0, self._cached_index(tuple(layout), red.device))
+        out, start = [], 0
+        for group, ml in members:
+            out.append((group, ml, zall[start : start + len(ml)]))
+            start += len(ml)
+        return out
 
     def _element_meta_steps(self, active, zelem, ok, okf) -> None:
         """Per-weight meta step (element granularity); z = h * g are our temporaries, zeroed on a skip."""
@@ -707,6 +719,15 @@ def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
 
 
 # ---------------------------------------------------------------------- the math
+def _finite_guard(red: Tensor, skip: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(ok, okf, red): the on-device finite flag of the step (None without the guard), as a 0/1 float, and the
+    block meta-gradients zeroed on a skipped step. Algorithm 3 is then skipped as a whole, without a host sync."""
+    if not skip:
+        return None, torch.ones((), dtype=red.dtype, device=red.device), red
+    ok = torch.isfinite(red.sum())
+    return ok, ok.to(red.dtype), torch.where(ok, red, torch.zeros((), dtype=red.dtype, device=red.device))
+
+
 def _chunks(group: dict[str, Any], n: int) -> list[slice]:
     """The whole list at once (foreach) or one tensor at a time (foreach=False): same math either way."""
     if group["foreach"] is False:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hf_metaoptimize import MetaOptimize
+from hf_metaoptimize.distributed import shutdown
 
 
 def build_model(seed: int = 0) -> torch.nn.Module:
@@ -141,8 +142,7 @@ def main() -> int:
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump({"errors": errors}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()  # barrier, destroy, let gloo's threads finish (hf_metaoptimize.distributed.shutdown)
     if errors:
         print(f"rank {rank}: " + "\n".join(errors), file=sys.stderr)
     return 1 if errors else 0
@@ -220,14 +220,13 @@ def check_fsdp2_resume(args, model, opt, rank, world) -> list[str]:
 
 
 def run_main(main) -> None:
-    """Run a worker's `main()` and exit with its status as a normal process. `main` destroys the process group
-    after writing its report (barrier + destroy_process_group); if it raised, the group is destroyed here, so no
-    rank ever reaches interpreter exit with gloo still initialised."""
+    """Run a worker's `main()` and exit with its status as a normal process. `main` shuts the process group down
+    after writing its report; if it raised, it is torn down here without the barrier (the other rank may be gone),
+    so no rank reaches interpreter exit with gloo still running."""
     try:
         code = main()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(barrier=False)
     sys.exit(code)
 
 

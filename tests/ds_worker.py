@@ -139,16 +139,12 @@ def main() -> int:
 
 
 def finish(args, rank, errors) -> int:
-    import torch.distributed as dist
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump({"errors": errors}, f)
     if errors:
         print(f"rank {rank}: " + "\n".join(errors), file=sys.stderr)
-    # Tear gloo down explicitly: left to interpreter exit, its worker threads are sometimes destroyed
-    # while still joinable and the rank aborts ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    dist_worker.shutdown()  # barrier, destroy, let gloo's threads finish (hf_metaoptimize.distributed.shutdown)
     return 1 if errors else 0
 
 

@@ -122,3 +122,13 @@ def test_the_launcher_tears_down_the_process_group_the_target_left(tmp_path, end
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "initialized at exit: False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert ("RuntimeError: boom" in proc.stderr) == (end == "raise")
+
+
+def test_shutdown_without_a_process_group_returns_at_once():
+    import time
+
+    from hf_metaoptimize.distributed import shutdown
+
+    t0 = time.perf_counter()
+    shutdown()  # torch.distributed may be imported, but nothing is initialised: no barrier, no drain
+    assert time.perf_counter() - t0 < 0.1
