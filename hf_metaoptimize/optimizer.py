@@ -5,9 +5,12 @@ Implements Algorithm 3 ("Hessian-free, 2x2 approximation") of Sharifnassab, Sale
 numerical contract (state keys, step order) is written down in ``docs/design.md``; the float64 reference
 in :mod:`hf_metaoptimize.reference` is its line-by-line ground truth and the tests hold this fast path to it.
 
-The class is bookkeeping (validation, lazy state, grouping); the math lives in the module-level functions
-``_base_step`` (one per base rule) and ``_meta_step`` (one per meta rule), which operate on lists of
-tensors with ``torch._foreach_*`` ops and never read a tensor value on the host.
+The class is bookkeeping: validation (rules and defaults in :mod:`hf_metaoptimize.spec`), lazy state
+(``_init_group``), the block layout of the meta-gradients (``_block_sums`` / ``_block_members``), checkpoint
+checks. ``step()`` reads like Algorithm 3. The math lives in module-level functions on lists of tensors:
+``_base_group_step`` (steps 2-3, every base rule, foreach or one tensor at a time; ``fused=True`` goes to
+:mod:`hf_metaoptimize._fused`) and ``_meta_step_shared`` / ``_meta_step_element`` (step 4, every meta rule).
+None of them reads a tensor value on the host.
 """
 
 from __future__ import annotations
