@@ -26,28 +26,13 @@ ENV = {
     "OMP_NUM_THREADS": "1",
 }
 
+# A quick Trainer run: 4 steps, logs every 2, nothing saved (the tests add --use_cpu where the launcher wants it)
+QUICK_TRAIN = (
+    "--max_steps 4 --logging_steps 2 --per_device_train_batch_size 4 --learning_rate 1e-3 --report_to none "
+    "--save_strategy no --disable_tqdm true"
+).split()
 # tests/scripts/tiny_clm.py for 4 steps with --optim metaoptimize_lion, logging step sizes every 2 steps
-TINY_CLM_TRAIN = [
-    "--optim",
-    "metaoptimize_lion",
-    "--optim_args",
-    "granularity=tensor",
-    "--max_steps",
-    "4",
-    "--logging_steps",
-    "2",
-    "--per_device_train_batch_size",
-    "4",
-    "--learning_rate",
-    "1e-3",
-    "--report_to",
-    "none",
-    "--use_cpu",
-    "--save_strategy",
-    "no",
-    "--disable_tqdm",
-    "true",
-]
+TINY_CLM_TRAIN = ["--optim", "metaoptimize_lion", "--optim_args", "granularity=tensor", "--use_cpu", *QUICK_TRAIN]
 
 
 def free_port() -> int:

@@ -6,46 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from _proc import BIN, ENV, ROOT, SCRIPTS, free_port, run
+from _proc import BIN, ENV, QUICK_TRAIN, ROOT, SCRIPTS, free_port, run
 
 
 @pytest.mark.slow
 def test_trainer_deepspeed_zero2_one_cpu_rank(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
+    launch = [BIN / "torchrun", "--nproc_per_node", "1", "--master_port", free_port(), "-m", "hf_metaoptimize.launch"]
+    config = ROOT / "examples" / "configs" / "ds_zero2.json"
+    train = ["--optim", "metaoptimize", "--optim_args", "granularity=layer,meta_lr=0.05", "--deepspeed", config]
     proc = run(
-        [
-            BIN / "torchrun",
-            "--nproc_per_node",
-            "1",
-            "--master_port",
-            free_port(),
-            "-m",
-            "hf_metaoptimize.launch",
-            SCRIPTS / "tiny_clm.py",
-            "--output_dir",
-            out,
-            "--optim",
-            "metaoptimize",
-            "--optim_args",
-            "granularity=layer,meta_lr=0.05",
-            "--deepspeed",
-            ROOT / "examples" / "configs" / "ds_zero2.json",
-            "--max_steps",
-            "4",
-            "--logging_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "4",
-            "--learning_rate",
-            "1e-3",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--disable_tqdm",
-            "true",
-        ],
+        [*launch, SCRIPTS / "tiny_clm.py", "--output_dir", out, *train, *QUICK_TRAIN],
         timeout=400,
         env={**ENV, "DS_ACCELERATOR": "cpu"},
     )

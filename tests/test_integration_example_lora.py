@@ -9,34 +9,12 @@ from _proc import run_python as run
 
 
 def test_lora_minilm_quick(tmp_path):
-    proc = run(
-        [
-            "examples/lora_minilm.py",
-            "--output_dir",
-            str(tmp_path),
-            "--optim",
-            "metaoptimize",
-            "--metaoptimize_granularity",
-            "layer",
-            "--max_steps",
-            "3",
-            "--logging_steps",
-            "3",
-            "--samples_per_class",
-            "24",
-            "--per_device_train_batch_size",
-            "8",
-            "--learning_rate",
-            "1e-3",
-            "--report_to",
-            "none",
-            "--use_cpu",
-            "--save_strategy",
-            "no",
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+    quick = (
+        "--optim metaoptimize --metaoptimize_granularity layer --max_steps 3 --logging_steps 3 --samples_per_class 24 "
+        "--per_device_train_batch_size 8 --learning_rate 1e-3 --report_to none --use_cpu --save_strategy no "
+        "--disable_tqdm true"
+    ).split()
+    proc = run(["examples/lora_minilm.py", "--output_dir", str(tmp_path), *quick])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "trainable params" in proc.stdout and "learned step sizes:" in proc.stdout
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]

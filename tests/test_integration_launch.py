@@ -7,39 +7,15 @@ import json
 import sys
 
 import pytest
-from _proc import SCRIPTS, run
+from _proc import QUICK_TRAIN, SCRIPTS, run
 
 
 def test_unmodified_module_through_the_launcher_logs_step_sizes(tmp_path):
     assert "import hf_metaoptimize" not in (SCRIPTS / "tiny_clm.py").read_text()
     out = tmp_path / "out"
+    train = ["--optim", "metaoptimize", "--optim_args", "granularity=layer", "--use_cpu", *QUICK_TRAIN]
     proc = run(
-        [
-            sys.executable,
-            "-m",
-            "hf_metaoptimize.launch",
-            "-m",
-            "tiny_clm",
-            "--output_dir",
-            str(out),
-            "--optim",
-            "metaoptimize",
-            "--optim_args",
-            "granularity=layer",
-            "--max_steps",
-            "4",
-            "--logging_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "4",
-            "--learning_rate",
-            "1e-3",
-            "--report_to",
-            "none",
-            "--use_cpu",
-            "--save_strategy",
-            "no",
-        ],
+        [sys.executable, "-m", "hf_metaoptimize.launch", "-m", "tiny_clm", "--output_dir", str(out), *train],
         cwd=SCRIPTS,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
