@@ -150,7 +150,20 @@ class Fast(Lion):
         return new
 
 
-RULES = {"lion": Lion, "adam": Adam, "rprop": Rprop, "fast": Fast}
+class AsymLion(Lion):
+    """Lion direction, a larger step down than up: a step size that starts too high costs more than one that
+    starts too low (the damage of a too-large step size is done in the first steps)."""
+
+    def __init__(self, up: float = 1e-2, down: float = 3e-2, c: float = 0.9, rho: float = 0.99):
+        super().__init__(up, c, rho)
+        self.up, self.down = up, down
+
+    def update(self, st: dict, beta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u = self.direction(st, z)
+        return beta - torch.where(u > 0, self.down, self.up) * u
+
+
+RULES = {"asym": AsymLion, "lion": Lion, "adam": Adam, "rprop": Rprop, "fast": Fast}
 
 
 def schedule_factor(t: int, total: int, warmup: float, cool: float, shape: str, floor: float) -> tuple[float, bool]:
@@ -180,12 +193,13 @@ def schedule_factor(t: int, total: int, warmup: float, cool: float, shape: str, 
 class ProtoMO(Optimizer):
     def __init__(self, params, lr: float, rule: Any, gamma: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8,
                  total_steps: int = 1000, warmup: float = 0.0, cool: float = 0.0, cool_shape: str = "linear",
-                 cool_floor: float = 0.0, cool_freeze: bool = True, beta_init: float = 0.0,
+                 cool_floor: float = 0.0, cool_freeze: bool = True, beta_init: float = 0.0, warm_freeze: bool = False,
                  bounds=(-14.0, 14.0)):
         super().__init__(params, dict(lr=lr, weight_decay=0.0))
         self.rule, self.gamma, self.betas, self.eps = rule, gamma, betas, eps
         self.total, self.warmup, self.cool, self.cool_shape = total_steps, warmup, cool, cool_shape
         self.cool_floor, self.cool_freeze, self.bounds = cool_floor, cool_freeze, bounds
+        self.warm_freeze = warm_freeze
         self.t = 0
         self.beta = torch.tensor(float(beta_init))
         self.meta_state: dict = {}
@@ -231,7 +245,8 @@ class ProtoMO(Optimizer):
                 st["h"].mul_(self.gamma * (1 - kappa * alpha))
             st["h"].add_(dw)
         # 4. meta step
-        if not (in_cool and self.cool_freeze):
+        in_warm = self.warmup > 0 and t <= max(1, int(self.warmup * self.total))
+        if not (in_cool and self.cool_freeze) and not (in_warm and self.warm_freeze):
             new = self.rule.update(self.meta_state, self.beta, z)
             self.beta = torch.clamp(torch.where(torch.isfinite(new), new, self.beta), *self.bounds)
         return None
@@ -328,6 +343,25 @@ SCREEN2 = {
     "adam_1e-1+wsd": {"rule": {"kind": "adam", "eta": 1e-1}, "sched": {"warmup": 0.05, **COOL}},
 }
 CANDIDATES.update(SCREEN2)
+# Round 3 (after Shakespeare round 1, where alpha0 = 1e-2 lost most and every fast-travelling rule lost):
+# protect the high end by a 5% linear warm-up or by a faster step down than up
+CANDIDATES.update({
+    "lion_1e-2+wsd": lion(1e-2, warmup=0.05, **COOL),
+    "asym_1e-2_3e-2+cool": {"rule": {"kind": "asym", "up": 1e-2, "down": 3e-2}, "sched": COOL},
+    "asym_1e-2_3e-2+wsd": {"rule": {"kind": "asym", "up": 1e-2, "down": 3e-2}, "sched": {"warmup": 0.05, **COOL}},
+    "lion_1e-2+cool_learn": lion(1e-2, **{**COOL, "cool_freeze": False}),
+    "lion_1e-2_g0.999+cool": {**lion(1e-2, **COOL), "gamma": 0.999},
+})
+CANDIDATES.update({
+    "lion_1e-2+cool_start0.1": lion(1e-2, beta_init=-math.log(10), **COOL),
+    "lion_1e-2+warm20frozen+cool": lion(1e-2, warmup=0.2, warm_freeze=True, **COOL),
+    "asym_2e-2_3e-2+cool_start0.1": {"rule": {"kind": "asym", "up": 2e-2, "down": 3e-2},
+                                     "sched": {"beta_init": -math.log(10), **COOL}},
+})
+LM3 = ["lion_1e-2+cool_start0.1", "lion_1e-2+warm20frozen+cool", "asym_2e-2_3e-2+cool_start0.1"]
+# finalists (chosen on digits + Shakespeare 1000 steps), with the paper's rule as the anchor
+FINAL = ["lion_1e-3", "lion_1e-2+cool", "asym_2e-2_3e-2+cool_start0.1"]
+LM2 = ["lion_1e-2+wsd", "asym_1e-2_3e-2+cool", "asym_1e-2_3e-2+wsd", "lion_1e-2+cool_learn", "lion_1e-2_g0.999+cool"]
 
 REFERENCES: dict[str, dict[str, dict]] = {
     "digits": {
@@ -347,8 +381,17 @@ REFERENCES: dict[str, dict[str, dict]] = {
 STAGES: dict[str, dict[str, Any]] = {
     "screen": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": list(CANDIDATES)},
     "screen2": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": list(SCREEN2)},
-    "lm": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": []},
-    "long": {"task": "shakespeare", "seeds": [0], "config": {"steps": 3000, "eval_every": 500}, "candidates": []},
+    "lm": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": [
+        "lion_1e-3", "lion_1e-2", "lion_1e-2_g0.999", "lion_1e-2+cool", "lion_1e-2+coscool0.1", "adam_1e-1+coscool0.1",
+        "adam_1e-1+cool", "fast+cool"]},
+    "screen3": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": LM2},
+    "screen4": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": LM3},
+    "lm3": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": LM3},
+    "lm2": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": LM2},
+    "long": {"task": "shakespeare", "seeds": [0], "config": {"steps": 3000, "eval_every": 500}, "candidates": FINAL},
+    "lm_s1": {"task": "shakespeare", "seeds": [1], "config": {}, "candidates": FINAL + ["lion_1e-2_g0.999"]},
+    "confirm": {"task": "digits", "seeds": [3, 4, 5, 6, 7, 8, 9], "config": {},
+                "candidates": FINAL + ["lion_1e-2_g0.999", "adam_1e-1+coscool0.1"]},
 }
 
 
@@ -533,6 +576,36 @@ def check(steps: int = 20) -> None:
     print("OK" if worst < 1e-5 else "MISMATCH")
 
 
+def report(tasks_stages: list[tuple[str, list[str]]]) -> str:
+    """Markdown tables from the stored summaries: per task, every rule of the given stages (first stage wins)."""
+    out = []
+    for task, stages in tasks_stages:
+        rows, ref = {}, None
+        for stage in stages:
+            f = OUT / f"summary_{task}_{stage}.json"
+            if not f.exists():
+                continue
+            sm = json.loads(f.read_text())
+            ref = ref or sm
+            for n, r in sm["rows"].items():
+                rows.setdefault(n, r)
+        if ref is None:
+            continue
+        tuned, sf, pr = ref["tuned_adamw_cosine"], ref["schedule_free"], ref["prodigy"]
+        out.append(f"**{task}** ({', '.join(stages)}; seeds {ref['seeds']}, steps "
+                   f"{STAGES[stages[0]]['config'].get('steps', 1000)}): tuned AdamW + warm-up + cosine "
+                   f"{tuned:.4f} ({ref['tuned_adamw_cosine_setting']}), Schedule-Free {sf:.4f}, Prodigy {pr:.4f}\n")
+        out.append("| rule | " + " | ".join(f"alpha0 {a:g}" for a in ALPHA0S)
+                   + " | spread | worst / tuned | best / tuned | < SF and Prodigy at every alpha0 |")
+        out.append("|---" * (len(ALPHA0S) + 5) + "|")
+        for n, r in rows.items():
+            cells = [f"{r['final_loss'].get(f'{a:g}', float('nan')):.4f}" for a in ALPHA0S]
+            out.append(f"| {n} | " + " | ".join(cells) + f" | {r['spread']:.3f} | {r['worst_over_tuned']:.3f} | "
+                       f"{r['best_over_tuned']:.3f} | {'yes' if r['beats_sf_and_prodigy'] else 'no'} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true")
@@ -540,10 +613,15 @@ def main() -> None:
     ap.add_argument("--no-refs", action="store_true")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--table", action="store_true", help="print the table from stored runs, run nothing")
+    ap.add_argument("--report", action="store_true", help="markdown tables of every stored summary")
     a = ap.parse_args()
     load_stage_overrides()
     if a.check:
         check()
+        return
+    if a.report:
+        print(report([("digits", ["screen", "screen2", "screen3", "screen4", "confirm"]),
+                      ("shakespeare", ["lm", "lm2", "lm3", "lm_s1"]), ("shakespeare", ["long"])]))
         return
     run_stage(a.stage, not a.no_refs, a.only, a.table)
 
