@@ -389,7 +389,7 @@ STAGES: dict[str, dict[str, Any]] = {
     "lm3": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": LM3},
     "lm2": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": LM2},
     "long": {"task": "shakespeare", "seeds": [0], "config": {"steps": 3000, "eval_every": 500}, "candidates": FINAL},
-    "lm_s1": {"task": "shakespeare", "seeds": [1], "config": {}, "candidates": FINAL + ["lion_1e-2_g0.999"]},
+    "lm_s1": {"task": "shakespeare", "seeds": [1], "config": {}, "candidates": FINAL},
     "confirm": {"task": "digits", "seeds": [3, 4, 5, 6, 7, 8, 9], "config": {},
                 "candidates": FINAL + ["lion_1e-2_g0.999", "adam_1e-1+coscool0.1"]},
 }
@@ -606,6 +606,47 @@ def report(tasks_stages: list[tuple[str, list[str]]]) -> str:
     return "\n".join(out)
 
 
+def combined(task: str, stages: list[str], names: list[str]) -> str:
+    """One markdown table over the seeds of several stages (same task and length): references and `names`."""
+    refs: dict[str, list[float]] = {}
+    rows: dict[str, dict[str, list[float]]] = {}
+    seeds: list[int] = []
+    seen: set = set()
+    for stage in stages:
+        f = OUT / f"summary_{task}_{stage}.json"
+        if not f.exists():
+            continue
+        sm = json.loads(f.read_text())
+        key = tuple(sm["seeds"])
+        if key not in seen:
+            seeds += sm["seeds"]
+            for n, r in sm["references"].items():
+                refs.setdefault(n, []).extend(next(iter(r.values())))
+        seen.add(key)
+        for n in names:
+            if n in sm["rows"] and (n, key) not in seen:
+                seen.add((n, key))
+                for a, v in sm["rows"][n]["per_seed"].items():
+                    rows.setdefault(n, {}).setdefault(a, []).extend(v)
+    if not refs:
+        return ""
+    cos = {n: _mean(v) for n, v in refs.items() if n.startswith("adamw_cos")}
+    tuned_name = min(cos, key=cos.get)
+    tuned, sf, pr = cos[tuned_name], _mean(refs["sf_adamw"]), _mean(refs["prodigy"])
+    out = [f"**{task}, seeds {sorted(set(seeds))} pooled** ({', '.join(stages)}): tuned AdamW + warm-up + cosine "
+           f"{tuned:.4f} ({tuned_name}; grid " + ", ".join(f"{n[10:]}: {v:.4f}" for n, v in cos.items())
+           + f"), Schedule-Free {sf:.4f}, Prodigy {pr:.4f}\n",
+           "| rule | " + " | ".join(f"alpha0 {a:g}" for a in ALPHA0S) + " | spread | worst / tuned | "
+           "< SF and Prodigy at every alpha0 | n seeds |", "|---" * (len(ALPHA0S) + 5) + "|"]
+    for n, r in rows.items():
+        means = [_mean(r.get(f"{a:g}", [])) for a in ALPHA0S]
+        spread = max(means) / min(means)
+        beats = all(m < sf and m < pr for m in means)
+        out.append(f"| {n} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {spread:.3f} | {max(means) / tuned:.3f} | "
+                   f"{'yes' if beats else 'no'} | {min(len(v) for v in r.values())} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true")
@@ -620,8 +661,11 @@ def main() -> None:
         check()
         return
     if a.report:
-        print(report([("digits", ["screen", "screen2", "screen3", "screen4", "confirm"]),
-                      ("shakespeare", ["lm", "lm2", "lm3", "lm_s1"]), ("shakespeare", ["long"])]))
+        print(report([("digits", ["screen", "screen2", "screen3", "screen4"]), ("digits", ["confirm"]),
+                      ("shakespeare", ["lm", "lm2", "lm3"]), ("shakespeare", ["lm_s1"]), ("shakespeare", ["long"])]))
+        fin = FINAL + ["lion_1e-2_g0.999", "adam_1e-1+coscool0.1"]
+        print(combined("digits", ["screen", "screen2", "screen3", "screen4", "confirm"], fin))
+        print(combined("shakespeare", ["lm", "lm2", "lm3", "lm_s1"], fin))
         return
     run_stage(a.stage, not a.no_refs, a.only, a.table)
 
