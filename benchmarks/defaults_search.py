@@ -7,10 +7,11 @@ their defaults). Nothing in `hf_metaoptimize/` changes; the prototype is checked
 `hf_metaoptimize.MetaOptimize` first (`--check`).
 
     python -m benchmarks.defaults_search --check
-    python -m benchmarks.defaults_search --stage screen        # coarse screen, 3 seeds
-    python -m benchmarks.defaults_search --stage lm       # finalists, seed 0
-    python -m benchmarks.defaults_search --stage long     # 3000 steps
-    python -m benchmarks.defaults_search --stage screen --table  # table only (no runs)
+    python -m benchmarks.defaults_search --stage screen          # digits, 3 seeds (also screen2..4, confirm)
+    python -m benchmarks.defaults_search --stage lm              # Shakespeare, seed 0 (also lm2, lm3, lm_s1)
+    python -m benchmarks.defaults_search --stage long            # Shakespeare 3000 steps, finalists
+    python -m benchmarks.defaults_search --stage screen --table  # a stage's table from stored runs (no runs)
+    python -m benchmarks.defaults_search --report                # markdown tables of docs/defaults_research.md
 
 Every run writes one JSON (final loss, eval curve, step-size trace) under
 `benchmarks/results/defaults_search/<task>/`; reruns skip runs whose JSON exists. A summary per (task,
@@ -25,6 +26,8 @@ Rules (beta = log step-size multiplier, alpha = alpha0 * exp(beta) * s(t), z = <
 - fast:             rprop growth (x up per agreeing step, capped at eta_fast) until the first flip of the lion
                     direction after the first `min_fast` steps, then lion(eta) for the rest (one-way switch);
                     optional back-off of a fraction of the travel at the switch;
+- asym(up, down):   lion direction u; beta -= (down if u > 0 else up) * u (the step size falls faster than it grows);
+- start0.1:         beta starts at -ln 10 (the run starts at alpha0 / 10);
 - schedule s(t):    optional linear warm-up over the first `warmup` fraction and a cooldown over the last
                     `cool` fraction (linear or cosine, to `floor`), with the meta step frozen or not during it.
 """
@@ -395,20 +398,6 @@ STAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def stage_file() -> Path:
-    return OUT / "stages.json"
-
-
-def load_stage_overrides() -> None:
-    """Candidates added after a stage (the later stages' lists) live in stages.json next to the results."""
-    f = Path(__file__).with_name("defaults_search_stages.json")
-    if f.exists():
-        extra = json.loads(f.read_text())
-        CANDIDATES.update(extra.get("candidates", {}))
-        for name, st in extra.get("stages", {}).items():
-            STAGES.setdefault(name, {}).update(st)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------
@@ -656,7 +645,6 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table from stored runs, run nothing")
     ap.add_argument("--report", action="store_true", help="markdown tables of every stored summary")
     a = ap.parse_args()
-    load_stage_overrides()
     if a.check:
         check()
         return
