@@ -37,10 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,8 +91,17 @@ class Adam:
 class Rprop(Lion):
     """Lion direction with a per-step meta step size adapted on the sign agreement of successive directions."""
 
-    def __init__(self, up: float = 1.2, down: float = 0.5, lo: float = 1e-3, hi: float = 5e-2, eta0: float | None = None,
-                 gate: float | None = None, flip_k: float | None = None, ema: float = 0.9):
+    def __init__(
+        self,
+        up: float = 1.2,
+        down: float = 0.5,
+        lo: float = 1e-3,
+        hi: float = 5e-2,
+        eta0: float | None = None,
+        gate: float | None = None,
+        flip_k: float | None = None,
+        ema: float = 0.9,
+    ):
         super().__init__(eta0 if eta0 is not None else lo)
         self.up, self.down, self.lo, self.hi, self.gate, self.flip_k, self.ema = up, down, lo, hi, gate, flip_k, ema
 
@@ -125,8 +131,9 @@ class Fast(Lion):
     """A fast phase (geometric growth of the meta step while the direction agrees) that ends for good at the
     first flip after `min_fast` steps; then the plain lion rule with `eta`."""
 
-    def __init__(self, eta: float = 1e-2, up: float = 1.1, eta_fast: float = 0.1, min_fast: int = 10,
-                 backoff: float = 0.0):
+    def __init__(
+        self, eta: float = 1e-2, up: float = 1.1, eta_fast: float = 0.1, min_fast: int = 10, backoff: float = 0.0
+    ):
         super().__init__(eta)
         self.up, self.eta_fast, self.min_fast, self.backoff = up, eta_fast, min_fast, backoff
 
@@ -194,10 +201,24 @@ def schedule_factor(t: int, total: int, warmup: float, cool: float, shape: str, 
 
 
 class ProtoMO(Optimizer):
-    def __init__(self, params, lr: float, rule: Any, gamma: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8,
-                 total_steps: int = 1000, warmup: float = 0.0, cool: float = 0.0, cool_shape: str = "linear",
-                 cool_floor: float = 0.0, cool_freeze: bool = True, beta_init: float = 0.0, warm_freeze: bool = False,
-                 bounds=(-14.0, 14.0)):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        rule: Any,
+        gamma: float = 1.0,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        total_steps: int = 1000,
+        warmup: float = 0.0,
+        cool: float = 0.0,
+        cool_shape: str = "linear",
+        cool_floor: float = 0.0,
+        cool_freeze: bool = True,
+        beta_init: float = 0.0,
+        warm_freeze: bool = False,
+        bounds=(-14.0, 14.0),
+    ):
         super().__init__(params, dict(lr=lr, weight_decay=0.0))
         self.rule, self.gamma, self.betas, self.eps = rule, gamma, betas, eps
         self.total, self.warmup, self.cool, self.cool_shape = total_steps, warmup, cool, cool_shape
@@ -229,7 +250,7 @@ class ProtoMO(Optimizer):
         # 1. meta-gradient from the old trace
         z = torch.stack([torch.sum(st["h"] * p.grad.float()) for p, st, _ in items]).sum()
         # 2. base step
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
         lr = self.param_groups[0]["lr"]
         alpha = lr * torch.exp(self.beta) * s
         self.last_alpha = alpha
@@ -271,8 +292,14 @@ _OrigTracer = common.StepSizeTracer
 def _make_optimizer(spec, groups, total_steps, warmup_steps):
     if spec["optimizer"] != "proto":
         return _orig_make(spec, groups, total_steps, warmup_steps)
-    opt = ProtoMO(groups, lr=spec["lr"], rule=build_rule(spec["rule"]), gamma=spec.get("gamma", 1.0),
-                  total_steps=total_steps, **spec.get("sched", {}))
+    opt = ProtoMO(
+        groups,
+        lr=spec["lr"],
+        rule=build_rule(spec["rule"]),
+        gamma=spec.get("gamma", 1.0),
+        total_steps=total_steps,
+        **spec.get("sched", {}),
+    )
     return opt, None
 
 
@@ -319,8 +346,9 @@ CANDIDATES: dict[str, dict] = {
     "rprop_plain": {"rule": {"kind": "rprop", "up": 1.2, "down": 0.5, "lo": 1e-3, "hi": 5e-2}},
     "rprop_gate0.8": {"rule": {"kind": "rprop", "up": 1.2, "down": 0.5, "lo": 1e-3, "hi": 5e-2, "gate": 0.8}},
     "rprop_flipk8": {"rule": {"kind": "rprop", "up": 1.2, "down": 0.5, "lo": 1e-3, "hi": 5e-2, "flip_k": 8}},
-    "rprop_gate_flip": {"rule": {"kind": "rprop", "up": 1.1, "down": 0.5, "lo": 1e-3, "hi": 5e-2, "gate": 0.8,
-                                 "flip_k": 8}},
+    "rprop_gate_flip": {
+        "rule": {"kind": "rprop", "up": 1.1, "down": 0.5, "lo": 1e-3, "hi": 5e-2, "gate": 0.8, "flip_k": 8}
+    },
     # e. one fast phase, then lion 1e-2
     "fast": {"rule": {"kind": "fast", "eta": 1e-2, "up": 1.1, "eta_fast": 0.1}},
     "fast_back0.3": {"rule": {"kind": "fast", "eta": 1e-2, "up": 1.1, "eta_fast": 0.1, "backoff": 0.3}},
@@ -340,27 +368,35 @@ SCREEN2 = {
     "lion_1e-2_g0.999+cool": {**lion(1e-2, **COOL), "gamma": 0.999},
     "lion_1e-2+cool30": lion(1e-2, **{**COOL, "cool": 0.3}),
     "lion_1e-2+coscool0": lion(1e-2, **{**COOL, "cool_shape": "cosine"}),
-    "adam_1e-1+coscool0.1": {"rule": {"kind": "adam", "eta": 1e-1},
-                             "sched": {**COOL, "cool_shape": "cosine", "cool_floor": 0.1}},
+    "adam_1e-1+coscool0.1": {
+        "rule": {"kind": "adam", "eta": 1e-1},
+        "sched": {**COOL, "cool_shape": "cosine", "cool_floor": 0.1},
+    },
     "fast+wsd": {"rule": {"kind": "fast", "eta": 1e-2, "up": 1.1, "eta_fast": 0.1}, "sched": {"warmup": 0.05, **COOL}},
     "adam_1e-1+wsd": {"rule": {"kind": "adam", "eta": 1e-1}, "sched": {"warmup": 0.05, **COOL}},
 }
 CANDIDATES.update(SCREEN2)
 # Round 3 (after Shakespeare round 1, where alpha0 = 1e-2 lost most and every fast-travelling rule lost):
 # protect the high end by a 5% linear warm-up or by a faster step down than up
-CANDIDATES.update({
-    "lion_1e-2+wsd": lion(1e-2, warmup=0.05, **COOL),
-    "asym_1e-2_3e-2+cool": {"rule": {"kind": "asym", "up": 1e-2, "down": 3e-2}, "sched": COOL},
-    "asym_1e-2_3e-2+wsd": {"rule": {"kind": "asym", "up": 1e-2, "down": 3e-2}, "sched": {"warmup": 0.05, **COOL}},
-    "lion_1e-2+cool_learn": lion(1e-2, **{**COOL, "cool_freeze": False}),
-    "lion_1e-2_g0.999+cool": {**lion(1e-2, **COOL), "gamma": 0.999},
-})
-CANDIDATES.update({
-    "lion_1e-2+cool_start0.1": lion(1e-2, beta_init=-math.log(10), **COOL),
-    "lion_1e-2+warm20frozen+cool": lion(1e-2, warmup=0.2, warm_freeze=True, **COOL),
-    "asym_2e-2_3e-2+cool_start0.1": {"rule": {"kind": "asym", "up": 2e-2, "down": 3e-2},
-                                     "sched": {"beta_init": -math.log(10), **COOL}},
-})
+CANDIDATES.update(
+    {
+        "lion_1e-2+wsd": lion(1e-2, warmup=0.05, **COOL),
+        "asym_1e-2_3e-2+cool": {"rule": {"kind": "asym", "up": 1e-2, "down": 3e-2}, "sched": COOL},
+        "asym_1e-2_3e-2+wsd": {"rule": {"kind": "asym", "up": 1e-2, "down": 3e-2}, "sched": {"warmup": 0.05, **COOL}},
+        "lion_1e-2+cool_learn": lion(1e-2, **{**COOL, "cool_freeze": False}),
+        "lion_1e-2_g0.999+cool": {**lion(1e-2, **COOL), "gamma": 0.999},
+    }
+)
+CANDIDATES.update(
+    {
+        "lion_1e-2+cool_start0.1": lion(1e-2, beta_init=-math.log(10), **COOL),
+        "lion_1e-2+warm20frozen+cool": lion(1e-2, warmup=0.2, warm_freeze=True, **COOL),
+        "asym_2e-2_3e-2+cool_start0.1": {
+            "rule": {"kind": "asym", "up": 2e-2, "down": 3e-2},
+            "sched": {"beta_init": -math.log(10), **COOL},
+        },
+    }
+)
 LM3 = ["lion_1e-2+cool_start0.1", "lion_1e-2+warm20frozen+cool", "asym_2e-2_3e-2+cool_start0.1"]
 # finalists (chosen on digits + Shakespeare 1000 steps), with the paper's rule as the anchor
 FINAL = ["lion_1e-3", "lion_1e-2+cool", "asym_2e-2_3e-2+cool_start0.1"]
@@ -368,14 +404,18 @@ LM2 = ["lion_1e-2+wsd", "asym_1e-2_3e-2+cool", "asym_1e-2_3e-2+wsd", "lion_1e-2+
 
 REFERENCES: dict[str, dict[str, dict]] = {
     "digits": {
-        **{f"adamw_cos_{lr:g}": {"optimizer": "adamw", "lr": lr, "schedule": "cosine"}
-           for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
+        **{
+            f"adamw_cos_{lr:g}": {"optimizer": "adamw", "lr": lr, "schedule": "cosine"}
+            for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+        },
         "sf_adamw": {"optimizer": "sf_adamw", "lr": 2.5e-3},
         "prodigy": {"optimizer": "prodigy", "lr": 1.0},
     },
     "shakespeare": {
-        **{f"adamw_cos_{lr:g}": {"optimizer": "adamw", "lr": lr, "schedule": "cosine"}
-           for lr in (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)},
+        **{
+            f"adamw_cos_{lr:g}": {"optimizer": "adamw", "lr": lr, "schedule": "cosine"}
+            for lr in (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+        },
         "sf_adamw": {"optimizer": "sf_adamw", "lr": 2.5e-3},
         "prodigy": {"optimizer": "prodigy", "lr": 1.0},
     },
@@ -384,17 +424,33 @@ REFERENCES: dict[str, dict[str, dict]] = {
 STAGES: dict[str, dict[str, Any]] = {
     "screen": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": list(CANDIDATES)},
     "screen2": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": list(SCREEN2)},
-    "lm": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": [
-        "lion_1e-3", "lion_1e-2", "lion_1e-2_g0.999", "lion_1e-2+cool", "lion_1e-2+coscool0.1", "adam_1e-1+coscool0.1",
-        "adam_1e-1+cool", "fast+cool"]},
+    "lm": {
+        "task": "shakespeare",
+        "seeds": [0],
+        "config": {},
+        "candidates": [
+            "lion_1e-3",
+            "lion_1e-2",
+            "lion_1e-2_g0.999",
+            "lion_1e-2+cool",
+            "lion_1e-2+coscool0.1",
+            "adam_1e-1+coscool0.1",
+            "adam_1e-1+cool",
+            "fast+cool",
+        ],
+    },
     "screen3": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": LM2},
     "screen4": {"task": "digits", "seeds": [0, 1, 2], "config": {}, "candidates": LM3},
     "lm3": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": LM3},
     "lm2": {"task": "shakespeare", "seeds": [0], "config": {}, "candidates": LM2},
     "long": {"task": "shakespeare", "seeds": [0], "config": {"steps": 3000, "eval_every": 500}, "candidates": FINAL},
     "lm_s1": {"task": "shakespeare", "seeds": [1], "config": {}, "candidates": FINAL},
-    "confirm": {"task": "digits", "seeds": [3, 4, 5, 6, 7, 8, 9], "config": {},
-                "candidates": FINAL + ["lion_1e-2_g0.999", "adam_1e-1+coscool0.1"]},
+    "confirm": {
+        "task": "digits",
+        "seeds": [3, 4, 5, 6, 7, 8, 9],
+        "config": {},
+        "candidates": FINAL + ["lion_1e-2_g0.999", "adam_1e-1+coscool0.1"],
+    },
 }
 
 
@@ -411,16 +467,35 @@ def run_one(task: str, name: str, spec: dict, seed: int, config: dict, tag: str)
     t0 = time.perf_counter()
     if task == "digits":
         from . import task_digits
+
         rec = task_digits.run(run_spec, config)
     else:
         from . import task_lm
+
         rec = task_lm.run(run_spec, config, cache_dir=str(common.REPO / "benchmarks" / "results" / "cache"))
-    slim = {k: rec[k] for k in ("task", "contender", "optimizer", "seed", "config", "final", "diverged", "eval",
-                                "step_sizes", "versions", "wall_s")}
+    slim = {
+        k: rec[k]
+        for k in (
+            "task",
+            "contender",
+            "optimizer",
+            "seed",
+            "config",
+            "final",
+            "diverged",
+            "eval",
+            "step_sizes",
+            "versions",
+            "wall_s",
+        )
+    }
     slim["data_sha256"] = rec["data"]["sha256"]
     common.write_json(path, slim)
-    print(f"  {task} {name:28s} lr {spec['lr']:.0e} s{seed}: {slim['final'].get('loss')}  "
-          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+        f"  {task} {name:28s} lr {spec['lr']:.0e} s{seed}: {slim['final'].get('loss')}  "
+        f"({time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
     return slim
 
 
@@ -431,8 +506,13 @@ def final_loss(rec: dict) -> float:
 
 def cand_spec(name: str, alpha0: float) -> dict:
     c = CANDIDATES[name]
-    return {"optimizer": "proto", "lr": alpha0, "rule": c["rule"], "gamma": c.get("gamma", 1.0),
-            "sched": c.get("sched", {})}
+    return {
+        "optimizer": "proto",
+        "lr": alpha0,
+        "rule": c["rule"],
+        "gamma": c.get("gamma", 1.0),
+        "sched": c.get("sched", {}),
+    }
 
 
 def run_stage(stage: str, refs: bool, only: list[str] | None, table_only: bool) -> None:
@@ -500,18 +580,34 @@ def summarize(task: str, stage: str, results: dict, curves: dict, seeds: list[in
         spread = max(vals) / min(vals) if len(vals) == len(ALPHA0S) else float("nan")
         worst, best = max(vals) / tuned, min(vals) / tuned
         beats = all(v < sf and v < pr for v in vals)
-        rows[n] = {"final_loss": {f"{a:g}": means[a] for a in means},
-                   "per_seed": {f"{a:g}": r[a] for a in r}, "spread": spread,
-                   "worst_over_tuned": worst, "best_over_tuned": best, "beats_sf_and_prodigy": beats,
-                   "step_size_seed0": {f"{a:g}": curves.get(n, {}).get(a) for a in ALPHA0S}}
+        rows[n] = {
+            "final_loss": {f"{a:g}": means[a] for a in means},
+            "per_seed": {f"{a:g}": r[a] for a in r},
+            "spread": spread,
+            "worst_over_tuned": worst,
+            "best_over_tuned": best,
+            "beats_sf_and_prodigy": beats,
+            "step_size_seed0": {f"{a:g}": curves.get(n, {}).get(a) for a in ALPHA0S},
+        }
         cells = "".join(f"{means[a]:>10.4f}" if a in means else f"{'-':>10}" for a in ALPHA0S)
         print(f"{n:30s}{cells}{spread:>9.3f}{worst:>12.3f}{best:>11.3f}  {beats}")
-    summary = {"task": task, "stage": stage, "seeds": seeds, "tuned_adamw_cosine": tuned,
-               "tuned_adamw_cosine_setting": tuned_name, "schedule_free": sf, "prodigy": pr,
-               "references": {n: {f"{k:g}": v for k, v in r.items()} for n, r in results.items()
-                              if n in cos or n in ("sf_adamw", "prodigy")},
-               "candidates_spec": {n: CANDIDATES[n] for n in rows}, "rows": rows,
-               "versions": common.versions()}
+    summary = {
+        "task": task,
+        "stage": stage,
+        "seeds": seeds,
+        "tuned_adamw_cosine": tuned,
+        "tuned_adamw_cosine_setting": tuned_name,
+        "schedule_free": sf,
+        "prodigy": pr,
+        "references": {
+            n: {f"{k:g}": v for k, v in r.items()}
+            for n, r in results.items()
+            if n in cos or n in ("sf_adamw", "prodigy")
+        },
+        "candidates_spec": {n: CANDIDATES[n] for n in rows},
+        "rows": rows,
+        "versions": common.versions(),
+    }
     common.write_json(OUT / f"summary_{task}_{stage}.json", summary)
 
 
@@ -521,19 +617,23 @@ def summarize(task: str, stage: str, results: dict, curves: dict, seeds: list[in
 
 
 def check(steps: int = 20) -> None:
+    import torch.nn.functional as F
+
     from hf_metaoptimize import MetaOptimize
+    from hf_metaoptimize.layers import layer_param_groups
 
     from . import data
     from .task_digits import MLP
-    from hf_metaoptimize.layers import layer_param_groups
-    import torch.nn.functional as F
 
     common.single_thread()
     d = data.digits()
     x, y = torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])
     worst = 0.0
-    for meta, eta, gamma, wd, lr in (("lion", 1e-2, 1.0, 0.0, 1e-3), ("lion", 1e-3, 0.999, 0.1, 1e-3),
-                                     ("adam", 1e-2, 1.0, 0.1, 1e-4)):
+    for meta, eta, gamma, wd, lr in (
+        ("lion", 1e-2, 1.0, 0.0, 1e-3),
+        ("lion", 1e-3, 0.999, 0.1, 1e-3),
+        ("adam", 1e-2, 1.0, 0.1, 1e-4),
+    ):
         losses = []
         for impl in ("package", "proto"):
             torch.manual_seed(0)
@@ -560,8 +660,10 @@ def check(steps: int = 20) -> None:
         diff = max(abs(a - b) for a, b in zip(losses[0][0], losses[1][0]))
         rel_alpha = abs(losses[0][1] - losses[1][1]) / losses[0][1]
         worst = max(worst, diff)
-        print(f"meta={meta} eta={eta} gamma={gamma} wd={wd} lr={lr}: max |loss diff| over {steps} steps = "
-              f"{diff:.2e}; step size package {losses[0][1]:.6e} proto {losses[1][1]:.6e} (rel {rel_alpha:.1e})")
+        print(
+            f"meta={meta} eta={eta} gamma={gamma} wd={wd} lr={lr}: max |loss diff| over {steps} steps = "
+            f"{diff:.2e}; step size package {losses[0][1]:.6e} proto {losses[1][1]:.6e} (rel {rel_alpha:.1e})"
+        )
     print("OK" if worst < 1e-5 else "MISMATCH")
 
 
@@ -581,16 +683,23 @@ def report(tasks_stages: list[tuple[str, list[str]]]) -> str:
         if ref is None:
             continue
         tuned, sf, pr = ref["tuned_adamw_cosine"], ref["schedule_free"], ref["prodigy"]
-        out.append(f"**{task}** ({', '.join(stages)}; seeds {ref['seeds']}, steps "
-                   f"{STAGES[stages[0]]['config'].get('steps', 1000)}): tuned AdamW + warm-up + cosine "
-                   f"{tuned:.4f} ({ref['tuned_adamw_cosine_setting']}), Schedule-Free {sf:.4f}, Prodigy {pr:.4f}\n")
-        out.append("| rule | " + " | ".join(f"alpha0 {a:g}" for a in ALPHA0S)
-                   + " | spread | worst / tuned | best / tuned | < SF and Prodigy at every alpha0 |")
+        out.append(
+            f"**{task}** ({', '.join(stages)}; seeds {ref['seeds']}, steps "
+            f"{STAGES[stages[0]]['config'].get('steps', 1000)}): tuned AdamW + warm-up + cosine "
+            f"{tuned:.4f} ({ref['tuned_adamw_cosine_setting']}), Schedule-Free {sf:.4f}, Prodigy {pr:.4f}\n"
+        )
+        out.append(
+            "| rule | "
+            + " | ".join(f"alpha0 {a:g}" for a in ALPHA0S)
+            + " | spread | worst / tuned | best / tuned | < SF and Prodigy at every alpha0 |"
+        )
         out.append("|---" * (len(ALPHA0S) + 5) + "|")
         for n, r in rows.items():
             cells = [f"{r['final_loss'].get(f'{a:g}', float('nan')):.4f}" for a in ALPHA0S]
-            out.append(f"| {n} | " + " | ".join(cells) + f" | {r['spread']:.3f} | {r['worst_over_tuned']:.3f} | "
-                       f"{r['best_over_tuned']:.3f} | {'yes' if r['beats_sf_and_prodigy'] else 'no'} |")
+            out.append(
+                f"| {n} | " + " | ".join(cells) + f" | {r['spread']:.3f} | {r['worst_over_tuned']:.3f} | "
+                f"{r['best_over_tuned']:.3f} | {'yes' if r['beats_sf_and_prodigy'] else 'no'} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -622,17 +731,23 @@ def combined(task: str, stages: list[str], names: list[str]) -> str:
     cos = {n: _mean(v) for n, v in refs.items() if n.startswith("adamw_cos")}
     tuned_name = min(cos, key=cos.get)
     tuned, sf, pr = cos[tuned_name], _mean(refs["sf_adamw"]), _mean(refs["prodigy"])
-    out = [f"**{task}, seeds {sorted(set(seeds))} pooled** ({', '.join(stages)}): tuned AdamW + warm-up + cosine "
-           f"{tuned:.4f} ({tuned_name}; grid " + ", ".join(f"{n[10:]}: {v:.4f}" for n, v in cos.items())
-           + f"), Schedule-Free {sf:.4f}, Prodigy {pr:.4f}\n",
-           "| rule | " + " | ".join(f"alpha0 {a:g}" for a in ALPHA0S) + " | spread | worst / tuned | "
-           "< SF and Prodigy at every alpha0 | n seeds |", "|---" * (len(ALPHA0S) + 5) + "|"]
+    out = [
+        f"**{task}, seeds {sorted(set(seeds))} pooled** ({', '.join(stages)}): tuned AdamW + warm-up + cosine "
+        f"{tuned:.4f} ({tuned_name}; grid "
+        + ", ".join(f"{n[10:]}: {v:.4f}" for n, v in cos.items())
+        + f"), Schedule-Free {sf:.4f}, Prodigy {pr:.4f}\n",
+        "| rule | " + " | ".join(f"alpha0 {a:g}" for a in ALPHA0S) + " | spread | worst / tuned | "
+        "< SF and Prodigy at every alpha0 | n seeds |",
+        "|---" * (len(ALPHA0S) + 5) + "|",
+    ]
     for n, r in rows.items():
         means = [_mean(r.get(f"{a:g}", [])) for a in ALPHA0S]
         spread = max(means) / min(means)
         beats = all(m < sf and m < pr for m in means)
-        out.append(f"| {n} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {spread:.3f} | {max(means) / tuned:.3f} | "
-                   f"{'yes' if beats else 'no'} | {min(len(v) for v in r.values())} |")
+        out.append(
+            f"| {n} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {spread:.3f} | {max(means) / tuned:.3f} | "
+            f"{'yes' if beats else 'no'} | {min(len(v) for v in r.values())} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -649,8 +764,17 @@ def main() -> None:
         check()
         return
     if a.report:
-        print(report([("digits", ["screen", "screen2", "screen3", "screen4"]), ("digits", ["confirm"]),
-                      ("shakespeare", ["lm", "lm2", "lm3"]), ("shakespeare", ["lm_s1"]), ("shakespeare", ["long"])]))
+        print(
+            report(
+                [
+                    ("digits", ["screen", "screen2", "screen3", "screen4"]),
+                    ("digits", ["confirm"]),
+                    ("shakespeare", ["lm", "lm2", "lm3"]),
+                    ("shakespeare", ["lm_s1"]),
+                    ("shakespeare", ["long"]),
+                ]
+            )
+        )
         fin = FINAL + ["lion_1e-2_g0.999", "adam_1e-1+coscool0.1"]
         print(combined("digits", ["screen", "screen2", "screen3", "screen4", "confirm"], fin))
         print(combined("shakespeare", ["lm", "lm2", "lm3", "lm_s1"], fin))
