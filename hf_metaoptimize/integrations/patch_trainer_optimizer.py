@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .optim_args import OPTIM_NAMES, resolve_spec
+from .optim_args import OPTIM_NAMES
 from .patch_training_args import apply_defaults
 from .versions import check_transformers_version, transformers_version
 
@@ -17,8 +17,7 @@ def build_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type, 
     from ..optimizer import MetaOptimize
     from .optim_args import optimizer_kwargs
 
-    apply_defaults(args, building=True)  # idempotent; also for arguments built before register()
-    spec = resolve_spec(args)
+    spec = apply_defaults(args, building=True)  # idempotent; also for arguments built before register()
     kwargs = optimizer_kwargs(args, spec)
     if spec["granularity"] == "layer":
         if model is None:

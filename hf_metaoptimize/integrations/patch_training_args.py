@@ -59,12 +59,13 @@ def _extend_enum(enum_cls: type, name: str, value: str) -> None:
     type.__setattr__(enum_cls, name, member)
 
 
-def apply_defaults(args: Any, *, building: bool = False) -> None:
+def apply_defaults(args: Any, *, building: bool = False) -> dict[str, Any] | None:
     """The defaults rule for `--optim metaoptimize*` (module doc), in place; idempotent. Validates the complete
-    setting first (OptimArgsError names the bad value). No-op for other optimizers, unless `building` (a
-    MetaOptimize is being built from these arguments whatever `optim` says, e.g. by MetaOptimizeTrainer)."""
+    setting first (OptimArgsError names the bad value) and returns it (`optim_args.resolve_spec`). No-op (None) for
+    other optimizers, unless `building` (a MetaOptimize is being built from these arguments whatever `optim` says,
+    e.g. by MetaOptimizeTrainer)."""
     if not building and not is_metaoptimize(getattr(args, "optim", None)):
-        return
+        return None
     spec = resolve_spec(args)  # raises OptimArgsError before anything is loaded
     check_deepspeed_config(getattr(args, "deepspeed", None), spec["granularity"])
     _constant_schedule(args)
@@ -78,6 +79,7 @@ def apply_defaults(args: Any, *, building: bool = False) -> None:
             "--adam_epsilon %g is not used by MetaOptimize with base=%s (it has no epsilon).", args.adam_epsilon, base
         )
     check_optimizer_kwargs(args, spec)  # the optimizer's own rules, on the complete kwargs
+    return spec
 
 
 def _constant_schedule(args: Any) -> None:
@@ -91,12 +93,9 @@ def _constant_schedule(args: Any) -> None:
         "the schedule; name another schedule to multiply it (e.g. 'polynomial' for a linear decay).",
         target,
     )
-    if isinstance(args.lr_scheduler_type, str) and not hasattr(args.lr_scheduler_type, "value"):
-        args.lr_scheduler_type = target  # before TrainingArguments.__post_init__: it converts the string
-    else:
-        from transformers.trainer_utils import SchedulerType
+    from transformers.trainer_utils import SchedulerType  # loaded with transformers.training_args
 
-        args.lr_scheduler_type = SchedulerType(target)
+    args.lr_scheduler_type = SchedulerType(target)  # accepted before and after TrainingArguments.__post_init__
 
 
 def default_schedule(args: Any) -> str:
