@@ -10,8 +10,9 @@ import importlib
 from typing import Any
 
 from .optimizer import MetaOptimize
+from .spec import DEFAULTS, PAPER_EXACT
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
@@ -23,7 +24,7 @@ _LAZY = {
     "plot_step_sizes": "hf_metaoptimize.plot",
 }
 
-__all__ = ["MetaOptimize", "__version__", *_LAZY]
+__all__ = ["MetaOptimize", "DEFAULTS", "PAPER_EXACT", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .spec import meta_rates
+
 __all__ = ["fused_kernel", "run_kernel", "clear_cache"]
 
 # (static config) -> compiled callable. Each entry wraps its own copy of `_kernel`'s code object: dynamo keeps
@@ -58,6 +60,7 @@ def _kernel(
     kappa: float,
     gamma: float,
     eta: float,
+    eta_down: float,
     mb1: float,
     mb2: float,
     meta_eps: float,
@@ -67,7 +70,8 @@ def _kernel(
     """One parameter tensor (flat, contiguous views), in place. `scal` packs the per-step 0-d inputs:
 
     [0] ok (1.0 or 0.0), [1] alpha = ok * lr * exp(log_step) (shared) or ok * lr (element),
-    [2] base bias correction 1 - rho^t, [3] sqrt(1 - lambda^t), [4] meta (adam) 1 - b1^s, [5] sqrt(1 - b2^s).
+    [2] base bias correction 1 - rho^t, [3] sqrt(1 - lambda^t), [4] meta (adam) 1 - b1^s, [5] sqrt(1 - b2^s),
+    [6] the meta step's gate (ok, and 0 during the cooldown). The cooldown factor is part of alpha.
     """
     wide = h.dtype
     ok = scal[0]
@@ -109,29 +113,20 @@ def _kernel(
     h.copy_(disc * h + dw)
     p.copy_(pw + dw)
     if element:  # Algorithm 3 step 4 per weight, with z from the OLD trace
+        mok = scal[6]
         if meta == "lion":
             upd = torch.sign(torch.lerp(z, mb, mb1))
-            mb.copy_(torch.lerp(mb, z, ok * (1 - mb2)))
-            L.copy_(torch.clamp(L - (ok * eta) * upd, lo, hi))
+            mb.copy_(torch.lerp(mb, z, mok * (1 - mb2)))
+            rate = eta if eta_down == eta else torch.full_like(upd, eta).masked_fill(upd > 0, eta_down)
+            L.copy_(torch.clamp(L - (mok * rate) * upd, lo, hi))
         else:
-            mb_new = torch.lerp(mb, z, ok * (1 - mb1))
-            vb_new = vb * (1 - ok * (1 - mb2)) + (1 - mb2) * z * z
+            mb_new = torch.lerp(mb, z, mok * (1 - mb1))
+            vb_new = vb * (1 - mok * (1 - mb2)) + (1 - mb2) * z * z * mok
             step = (mb_new / scal[4]) / (torch.sqrt(vb_new) / scal[5] + meta_eps)
             mb.copy_(mb_new)
             vb.copy_(vb_new)
-            L.copy_(torch.clamp(L - (ok * eta) * step, lo, hi))
-
-
-def _compiled(config: tuple) -> Any:
-    fn = _COMPILED.get(config)
-    if fn is None:
-        name = "metaoptimize_" + "_".join(str(c).replace(".", "p").replace("-", "m") for c in config[:5])
-        code = _kernel.__code__.replace(co_name=name)
-        own = types.FunctionType(code, _kernel.__globals__, name, _kernel.__defaults__, _kernel.__closure__)
-        own.__kwdefaults__ = _kernel.__kwdefaults__
-        fn = torch.compile(own, dynamic=True, fullgraph=True)
-        _COMPILED[config] = fn
-    return fn
+            rate = eta if eta_down == eta else torch.full_like(step, eta).masked_fill(step > 0, eta_down)
+            L.copy_(torch.clamp(L - (mok * rate) * step, lo, hi))
 
 
 def fused_kernel(group: dict[str, Any], sanitize: bool, dtypes: tuple[torch.dtype, ...]) -> Any:
@@ -159,6 +154,7 @@ def fused_kernel(group: dict[str, Any], sanitize: bool, dtypes: tuple[torch.dtyp
         kappa,
         float(group["gamma"]),
         float(group["meta_lr"]) if element else 0.0,
+        meta_rates(group)[1] if element else 0.0,
         float(mb1),
         float(mb2),
         float(group["meta_eps"]),
@@ -186,6 +182,7 @@ def fused_kernel(group: dict[str, Any], sanitize: bool, dtypes: tuple[torch.dtyp
                     "kappa",
                     "gamma",
                     "eta",
+                    "eta_down",
                     "mb1",
                     "mb2",
                     "meta_eps",

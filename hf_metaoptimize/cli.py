@@ -45,7 +45,7 @@ def _autoregister(ns: argparse.Namespace) -> int:
 def _optim_args(ns: argparse.Namespace) -> int:
     from .integrations.optim_args import describe_optim_args
 
-    print("--optim metaoptimize | metaoptimize_lion --optim_args key=value,key=value with keys:")
+    print("--optim metaoptimize | metaoptimize_lion | metaoptimize_paper --optim_args key=value,key=value with keys:")
     print(describe_optim_args())
     return 0
 

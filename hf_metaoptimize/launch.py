@@ -29,7 +29,8 @@ import sys
 USAGE = (
     "usage: python -m hf_metaoptimize.launch SCRIPT.py [ARGS...]\n"
     "       python -m hf_metaoptimize.launch -m MODULE [ARGS...]\n"
-    "Runs SCRIPT / MODULE with --optim metaoptimize and metaoptimize_lion registered in transformers."
+    "Runs SCRIPT / MODULE with --optim metaoptimize, metaoptimize_lion and metaoptimize_paper registered in\n"
+    "transformers."
 )
 
 

@@ -37,6 +37,8 @@ from .spec import (
     GRANULARITIES,
     METAS,
     check_lr,
+    cooldown_steps,
+    meta_rates,
     normalize_group,
 )
 
@@ -50,7 +52,18 @@ STALL_STEPS = 100
 # Per-param state that must stay in float32 (or wider) whatever the param dtype. torch's
 # Optimizer.load_state_dict casts every floating state tensor except "step" to the param dtype; these keys
 # are restored at full precision by the load hooks below.
-_WIDE_KEYS = ("trace", "log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "nonfinite_steps", "meta_grad")
+_WIDE_KEYS = (
+    "trace",
+    "log_step",
+    "meta_exp_avg",
+    "meta_exp_avg_sq",
+    "meta_step",
+    "block_step",
+    "nonfinite_steps",
+    "meta_grad",
+)
+# float32 counters whatever the param dtype
+_COUNTER_KEYS = ("meta_step", "block_step", "nonfinite_steps")
 
 
 def _snapshot(group: dict[str, Any]) -> tuple:
@@ -72,28 +85,44 @@ class MetaOptimize(Optimizer):
     r"""A base optimizer (AdamW, Lion, SGD+momentum, RMSProp) whose step sizes are learned during training.
 
     Each parameter moves by the base optimizer's update with step size
-    ``alpha = group["lr"] * exp(log_step)``. ``log_step`` starts at 0 and is learned online by a meta
-    optimizer (Lion or Adam) that descends the meta-gradient ``z = <trace, grad>``, where the trace
-    ``h <- gamma * (1 - weight_decay * alpha) * h + dw`` accumulates the parameter's actual displacements
+    ``alpha = group["lr"] * exp(log_step) * s``. ``log_step`` starts at ``ln(init_multiplier)`` and is learned
+    online by a meta optimizer (Lion or Adam) that descends the meta-gradient ``z = <trace, grad>``, where the
+    trace ``h <- gamma * (1 - weight_decay * alpha) * h + dw`` accumulates the parameter's actual displacements
     ``dw`` (paper Algorithm 3). A step size that would have raised the loss (z > 0) shrinks, one that would
-    have lowered it grows; no extra forward or backward pass is needed.
+    have lowered it grows; no extra forward or backward pass is needed. ``s`` is the cooldown factor: 1, except
+    over the last ``cooldown`` fraction of a run whose length ``total_steps`` is known, where it falls linearly
+    to 0 while the learned part is frozen (the Trainer sets ``total_steps`` for you).
+
+    The defaults are the shipped rule (docs/design.md "The shipped rule", chosen by docs/defaults_research.md);
+    ``MetaOptimize(params, lr, **hf_metaoptimize.PAPER_EXACT)`` is the paper's Algorithm 3 exactly.
 
     Args:
         params: iterable of parameters or of param-group dicts. A group may carry a ``"block"`` key:
             under ``granularity="block"`` groups with equal ``"block"`` share one learned step size.
-        lr (float, default 1e-4): initial step size alpha0 AND the multiplier an LR scheduler drives.
-            Pick it one to two orders of magnitude below a good fixed learning rate: the learned
-            multiplier grows from 1 (an automatic warm-up). ``lr=0`` is a strict no-op for the params.
+        lr (float, default 1e-4): the reference step size alpha0 AND the multiplier an LR scheduler drives. The
+            first step uses ``lr * init_multiplier``; the learned multiplier then travels (it is not bounded
+            by ``lr``), so a usual AdamW learning rate is a fine choice. ``lr=0`` is a strict no-op.
         base (str, default "adamw"): base rule, one of ``"adamw"``, ``"lion"``, ``"sgd"`` (EMA momentum
             ``m <- rho*m + (1-rho)*g``), ``"rmsprop"`` (bias-corrected). Weight decay is decoupled for all.
         meta (str, default "lion"): meta rule for ``log_step``: ``"lion"`` (each log step size moves by
-            exactly +-meta_lr or 0 per step) or ``"adam"``.
+            +meta_lr, -meta_asymmetry * meta_lr or 0 per step) or ``"adam"``.
         granularity (str, default "scalar"): how many step sizes: ``"scalar"`` (one for all params),
             ``"block"`` (one per block of param groups), ``"tensor"`` (one per parameter tensor),
             ``"element"`` (one per weight: two more param-sized float32 buffers, three with ``meta="adam"``).
-        meta_lr (float, default 1e-3): meta step size eta (the paper's value for scalar/blockwise). With
-            Lion meta, alpha changes by at most a factor e every ``1/meta_lr`` steps. ``0`` turns
-            MetaOptimize into the plain base optimizer with step size ``lr``.
+        meta_lr (float, default 2e-2): meta step size eta_up: with Lion meta the step size grows by at most a
+            factor ``exp(meta_lr)`` per step (x7 in 100 steps). The paper uses 1e-3. ``0`` (with
+            ``init_multiplier=1``) makes MetaOptimize the plain base optimizer with step size ``lr``.
+        meta_asymmetry (float, default 1.5): the step size falls this many times faster than it grows
+            (eta_down = meta_asymmetry * meta_lr): a too-large step size does damage the meta-gradient sees
+            late. ``1`` is the paper's symmetric rule.
+        init_multiplier (float, default 0.1): the learned multiplier's start, ``exp(log_step_1)``: the run
+            starts at ``lr * init_multiplier`` and climbs (an automatic warm-up). The paper starts at 1.
+        total_steps (int, optional): the run's length in optimizer steps; enables the cooldown. Default None
+            (no cooldown). The Trainer integration sets it to the run's ``max_steps`` unless you pass it.
+            Stepping past it leaves the params where they are (step size 0) and warns once.
+        cooldown (float, default 0.2): the final fraction of ``total_steps`` over which the step size falls
+            linearly to 0, with the meta step frozen: ``n_c = floor(cooldown * total_steps)`` steps. ``0``
+            turns it off.
         gamma (float, default 1.0): trace discount (1 for stationary training, e.g. 0.999 for
             non-stationary / continual problems).
         betas (tuple, default per base): adamw ``(0.9, 0.999)``; lion ``(0.9, 0.99)`` = ``(c, rho)``;
@@ -108,41 +137,39 @@ class MetaOptimize(Optimizer):
             every meta update, i.e. the learned multiplier stays within about [8e-7, 1.2e6] of ``lr``.
         skip_nonfinite (bool, default True): a step whose gradients (or meta-gradients) contain inf/NaN
             is skipped: no parameter and no state tensor changes, and each participating parameter's
-            ``state["nonfinite_steps"]`` is incremented. Done without a host sync: every update
-            coefficient is multiplied by an on-device 0/1 flag and the math reads a zeroed copy of the
-            gradients (``p.grad`` is never written; ``nan_to_num`` then a multiply by the flag). For AdamW that
-            copy doubles as the step's workspace, so the cost is two elementwise passes over the gradients:
-            measured ~0.2x of an AdamW(foreach) step on 10M weights (``benchmarks/bench_step.py``,
-            ``mo_scalar`` vs ``mo_scalar_noskip``). ``False`` lets inf/NaN through into params and state.
+            ``state["nonfinite_steps"]`` is incremented (:meth:`skipped_steps` counts them). Done without a host
+            sync: every update coefficient is multiplied by an on-device 0/1 flag and the math reads a zeroed
+            copy of the gradients (``p.grad`` is never written); for AdamW that copy doubles as the step's
+            workspace, so the cost is two elementwise passes over the gradients. ``False`` lets inf/NaN
+            through into params and state.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path; ``False`` runs the
             same math one tensor at a time. Default: ``True``.
         fused (bool, default False): run the base step, the trace and (element granularity) the meta step as
             ONE ``torch.compile``'d elementwise kernel per parameter tensor (``hf_metaoptimize/_fused.py``):
             each weight's params, grad and state are read and written once instead of a dozen times. Needs a
             working ``torch.compile`` (inductor: a C++ compiler on CPU, Triton on GPU); the first step
-            compiles (seconds per configuration and dtype), and each call costs ~0.1-0.3 ms of dispatch per
-            parameter tensor, so it pays off for large tensors (measured below), not for tiny models. Same
+            compiles (seconds per configuration and dtype), and each call pays a fixed dispatch cost per
+            parameter tensor, so it pays off for large tensors, not for tiny models or very many tensors. Same
             equations; results agree with the foreach path to rounding, not bit for bit.
 
     Memory: the base optimizer's state plus ONE float32 trace per weight; scalar / block / tensor
     granularity add a few scalars per parameter tensor, element granularity two (Lion meta: log step and
     meta momentum) or three (Adam meta) more float32 buffers per weight. Compute: one dot product per
     parameter tensor per step and a handful of elementwise passes; ``step()`` never synchronises with the
-    host (``step_sizes()`` neither). Measured on 10M weights, 1 CPU thread (``benchmarks/bench_step.py``):
-    1.5-1.7x the step time of ``torch.optim.AdamW(foreach=True)`` for scalar / tensor, 3.4-3.5x for element;
-    with ``fused=True`` 0.8-1.0x for scalar / tensor and 1.0-1.2x for element (torch's own
-    ``AdamW(fused=True)``: 0.2-0.26x). Ranges: two runs on one noisy 2-core machine.
+    host (``step_sizes()`` neither). Step times against torch's AdamW are on docs/benchmarks.md
+    (``benchmarks/bench_step.py``).
 
     State (per parameter, created on the first step in which it has a gradient): ``step``, the base
     moments (``exp_avg``, ``exp_avg_sq``, in the param dtype), ``trace``, ``log_step``,
-    ``meta_exp_avg`` (+ ``meta_exp_avg_sq``, ``meta_step`` for adam meta), ``nonfinite_steps``;
-    trace / log_step / meta state / counters are float32 (float64 for float64 params), also after
-    ``load_state_dict``. Under scalar / block granularity every member of a block holds an identical copy
-    of the block's ``log_step`` and meta state, so per-parameter sharding and checkpointing keep working.
+    ``meta_exp_avg`` (+ ``meta_exp_avg_sq``, ``meta_step`` for adam meta), ``block_step`` (the steps its
+    block has taken: the cooldown's clock), ``nonfinite_steps``; trace / log_step / meta state / counters are
+    float32 (float64 for float64 params), also after ``load_state_dict``. Under scalar / block granularity
+    every member of a block holds an identical copy of the block's ``log_step``, meta state and
+    ``block_step``, so per-parameter sharding and checkpointing keep working.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
-        >>> opt = MetaOptimize(model.parameters(), lr=1e-4, base="adamw", meta="lion")
+        >>> opt = MetaOptimize(model.parameters(), lr=1e-3, total_steps=1000)
         >>> model(torch.randn(8, 4)).pow(2).mean().backward()
         >>> opt.step(); opt.zero_grad()
         >>> [[s.shape for s in group] for group in opt.step_sizes()]
@@ -158,6 +185,10 @@ class MetaOptimize(Optimizer):
         meta: str = DEFAULTS["meta"],
         granularity: str = DEFAULTS["granularity"],
         meta_lr: float = DEFAULTS["meta_lr"],
+        meta_asymmetry: float = DEFAULTS["meta_asymmetry"],
+        init_multiplier: float = DEFAULTS["init_multiplier"],
+        total_steps: int | None = DEFAULTS["total_steps"],
+        cooldown: float = DEFAULTS["cooldown"],
         gamma: float = DEFAULTS["gamma"],
         betas: tuple[float, ...] | float | None = None,
         eps: float | None = None,
@@ -175,6 +206,10 @@ class MetaOptimize(Optimizer):
             meta=meta,
             granularity=granularity,
             meta_lr=meta_lr,
+            meta_asymmetry=meta_asymmetry,
+            init_multiplier=init_multiplier,
+            total_steps=total_steps,
+            cooldown=cooldown,
             gamma=gamma,
             betas=betas,
             eps=eps,
@@ -194,6 +229,7 @@ class MetaOptimize(Optimizer):
         self._all_groups = self.param_groups
         self._partitions: _Partitions | None = None
         self._skip_seen: tuple[int, int, int] | None = None  # host-side: (skipped, applied, streak) at last check
+        self._calls = 0  # host-side count of step() calls, for the one warning past total_steps
         self.register_load_state_dict_pre_hook(_check_checkpoint)
         self.register_load_state_dict_post_hook(_restore_wide_state)
         self._check_groups()
@@ -317,36 +353,37 @@ class MetaOptimize(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["trace"] = torch.zeros_like(p, dtype=wide, memory_format=torch.contiguous_format)
         meta_keys = ["log_step", "meta_exp_avg"] + (["meta_exp_avg_sq", "meta_step"] if meta == "adam" else [])
-        if gran == "element":
-            for k in meta_keys:
-                if k == "meta_step":
-                    state[k] = torch.zeros((), dtype=torch.float32, device=p.device)
-                else:
-                    state[k] = torch.zeros_like(p, dtype=wide, memory_format=torch.contiguous_format)
-        else:
-            for k in meta_keys:
-                dt = torch.float32 if k == "meta_step" else wide
-                if donor is not None:
-                    state[k] = donor[k].detach().to(device=p.device, dtype=dt, copy=True)
-                else:
-                    state[k] = torch.zeros((), dtype=dt, device=p.device)
+        meta_keys.append("block_step")
+        log_init = math.log(group["init_multiplier"])  # the learned multiplier starts at init_multiplier
+        for k in meta_keys:
+            dt = torch.float32 if k in _COUNTER_KEYS else wide
+            if gran != "element" and donor is not None:
+                state[k] = donor[k].detach().to(device=p.device, dtype=dt, copy=True)
+            elif gran == "element" and k not in _COUNTER_KEYS:
+                state[k] = torch.zeros_like(p, dtype=wide, memory_format=torch.contiguous_format)
+            else:
+                state[k] = torch.zeros((), dtype=dt, device=p.device)
+            if k == "log_step" and (gran == "element" or donor is None) and log_init != 0.0:
+                state[k].fill_(log_init)
         state["nonfinite_steps"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def step_sizes(self) -> list[list[Tensor]]:
-        """Current effective step sizes ``lr * exp(log_step)``, one list per param group.
+        """The step sizes the next step will use, ``lr * exp(log_step) * s``, one list per param group (``s``: the
+        cooldown factor, 1 outside the cooldown or without ``total_steps``).
 
         Each entry is a float32 tensor on the parameter's device: 0-d for scalar / block / tensor
         granularity, shaped like the parameter for element granularity. A parameter that has no state yet
-        reports its block's current value (or ``lr``). Under DeepSpeed ZeRO the entries are the rank's flat
-        partitions of each group. No host synchronisation.
+        reports its block's current value (or ``lr * init_multiplier``). Under DeepSpeed ZeRO the entries are the
+        rank's flat partitions of each group. No host synchronisation.
         """
         return self._step_sizes(relative=False)
 
     @torch.no_grad()
     def step_size_multipliers(self) -> list[list[Tensor]]:
-        """The learned part alone, ``exp(log_step)`` (1.0 at the start), laid out like :meth:`step_sizes`.
+        """The learned part alone, ``exp(log_step)`` (``init_multiplier`` at the start, without the cooldown factor),
+        laid out like :meth:`step_sizes`.
 
         Unlike ``step_sizes()`` it does not scale with ``lr``, so it still shows what was learned where a
         scheduler has driven ``lr`` to 0. No host synchronisation.
@@ -361,16 +398,20 @@ class MetaOptimize(Optimizer):
             row = []
             for p in params:
                 st = self.state.get(p)
-                if st and "log_step" in st:
-                    ls = st["log_step"]
-                else:
-                    donor = donors.get(self._block_key(gi, group, p)) if gran in ("scalar", "block") else None
-                    ls = donor["log_step"] if donor is not None else None
-                if ls is None:
+                if not (st and "log_step" in st):
+                    st = donors.get(self._block_key(gi, group, p)) if gran in ("scalar", "block") else None
+                if st is None:  # no state yet: the first step's value
                     shape = p.shape if gran == "element" else ()
-                    row.append(torch.ones(shape, dtype=torch.float32, device=p.device) * lr)
+                    ls = torch.full(shape, math.log(group["init_multiplier"]), dtype=torch.float32, device=p.device)
+                    t = torch.ones((), dtype=torch.float64, device=p.device)
                 else:
-                    row.append((torch.exp(ls.to(device=p.device)) * lr).to(torch.float32))
+                    ls = st["log_step"].to(device=p.device)
+                    t = st["block_step"].to(device=p.device, dtype=torch.float64) + 1
+                size = torch.exp(ls) * lr
+                cool = None if relative else _cooldown_scale(group, t)
+                if cool is not None:  # the step size of the NEXT step includes its cooldown factor
+                    size = size * cool.to(size.dtype)
+                row.append(size.to(torch.float32))
             out.append(row)
         return out
 
@@ -463,6 +504,7 @@ class MetaOptimize(Optimizer):
         active = self._init_group()
         if not active:
             return loss
+        self._count_call()
         grads = {gi: self._grads(plist) for gi, _, plist in active}
         # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
         zvec, zelem = self._local_meta_grads(active, grads)
@@ -484,6 +526,22 @@ class MetaOptimize(Optimizer):
             counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
             torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
         return loss
+
+    def _count_call(self) -> None:
+        """Warn once when stepped past ``total_steps`` (the cooldown has brought the step size to 0). A host
+        counter of step() calls (restored from the checkpoint's step counts on load): no device read."""
+        if self._partitions is not None:
+            return  # DeepSpeed ZeRO calls step() once per partition group
+        self.__dict__["_calls"] = calls = self.__dict__.get("_calls", 0) + 1
+        total = self._all_groups[0]["total_steps"]
+        if total is not None and calls == total + 1 and cooldown_steps(self._all_groups[0]):
+            logger.warning(
+                "MetaOptimize: step %d is past total_steps=%d; the cooldown has brought the step size to 0, so "
+                "the params no longer move. Pass the run's real length as total_steps (the Trainer does), or "
+                "cooldown=0 for no cooldown.",
+                calls,
+                total,
+            )
 
     def _init_group(self) -> list[tuple[int, dict[str, Any], list[Tensor]]]:
         """(group index, group, params with a grad) for the groups this call steps, with lazy state.
@@ -748,6 +806,9 @@ _STEP_KEYS = (
     "foreach",
     "fused",
     "meta_lr",
+    "meta_asymmetry",
+    "total_steps",
+    "cooldown",
     "meta_betas",
     "meta_eps",
     "log_step_bounds",
@@ -831,21 +892,31 @@ def _fused_bucket_step(
         alpha = (ok * lr).expand(n)
     else:
         alpha = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
+    C = torch.stack([s["block_step"] for s in sts])
+    cool = _cooldown_scale(group, C.to(torch.float64) + 1)
+    if cool is not None:
+        alpha = alpha * cool.to(wide)
+    gate = okf.to(wide).expand(n)
+    if element:  # the kernel does the meta step: count the block's step, gate the meta update (cooldown)
+        C, g = _meta_gate(group, C, okf)
+        torch._foreach_copy_([s["block_step"] for s in sts], list(C.unbind(0)))
+        gate = g.to(wide).expand(n)
     bc1 = 1 - torch.pow(betas[0], t) if base == "adamw" else one
     bc2 = torch.sqrt(1 - torch.pow(betas[-1], t)) if base in ("adamw", "rmsprop") else one
     mbc1 = mbc2 = one
     if element and group["meta"] == "adam":
         S = [s["meta_step"] for s in sts]
-        torch._foreach_add_(S, okf.to(torch.float32))
+        torch._foreach_add_(S, list(gate.to(torch.float32).unbind(0)))
         s64 = torch.stack(S).to(torch.float64).clamp(min=1)
         b1, b2 = group["meta_betas"]
         mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
-    scal = torch.stack([ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide)], dim=1)
-    # one persistent 6-vector per tensor (own allocation, storage offset 0: views into `scal` would make the
+    cols = [ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide), gate]
+    scal = torch.stack(cols, dim=1)
+    # one persistent 7-vector per tensor (own allocation, storage offset 0: views into `scal` would make the
     # compiled kernel specialise on their offsets)
     rows = [_FUSED_ROWS.get(p) for p in params]
     if any(r is None or r.dtype != wide or r.device != scal.device for r in rows):
-        rows = [torch.empty(6, dtype=wide, device=scal.device) for _ in params]
+        rows = [torch.empty(len(cols), dtype=wide, device=scal.device) for _ in params]
         _FUSED_ROWS.update(zip(params, rows))
     torch._foreach_copy_(rows, list(scal.unbind(0)))
     kernel = fused_kernel(group, sanitize, (dtype, grads[0].dtype, wide))
@@ -902,12 +973,17 @@ def _base_bucket_step(
     H = [s["trace"] for s in sts]
     ok = okf.to(wide)
 
-    # A = -alpha, masked: -ok * lr * exp(log_step); one 0-d tensor per param, or param-shaped (element)
+    # A = -alpha, masked: -ok * lr * exp(log_step) * s(t); one 0-d tensor per param, or param-shaped (element)
+    cool = _cooldown_scale(group, torch.stack([s["block_step"] for s in sts]).to(torch.float64) + 1)
     if group["granularity"] == "element":
         A = torch._foreach_exp([s["log_step"] for s in sts])
         torch._foreach_mul_(A, ok * (-lr))
+        if cool is not None:
+            torch._foreach_mul_(A, list(cool.to(wide).unbind(0)))
     else:
         Avec = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
+        if cool is not None:
+            Avec = Avec * cool.to(wide)
         A = list(Avec.unbind(0))
 
     steps = [s["step"] for s in sts]
@@ -981,27 +1057,63 @@ def _div_into(num: list[Tensor], den: list[Tensor]) -> None:
         torch.div(n, d, out=d)
 
 
+def _cooldown_scale(group: dict[str, Any], t: Tensor) -> Tensor | None:
+    """s(t) = clamp((T - t) / n_c, 0, 1) for block step counts `t` (float64), or None without a cooldown
+    (docs/design.md "Cooldown")."""
+    n_c = cooldown_steps(group)
+    if n_c == 0:
+        return None
+    return ((group["total_steps"] - t) / n_c).clamp_(0.0, 1.0)
+
+
+def _meta_gate(group: dict[str, Any], C: Tensor, okf: Tensor) -> tuple[Tensor, Tensor]:
+    """(new block step counts C + ok, the meta step's 0/1 gate): ok, and 0 during the cooldown."""
+    C = C + okf.to(C.dtype)
+    n_c = cooldown_steps(group)
+    if n_c == 0:
+        return C, okf
+    live = (C.to(torch.float64) <= group["total_steps"] - n_c).to(okf.dtype)
+    return C, okf * live
+
+
+def _rate(group: dict[str, Any], d: Tensor) -> float | Tensor:
+    """The meta step for update direction `d` (log_step -= rate * d): eta_down where the step size falls (d > 0),
+    eta_up where it grows; one number when they are equal (the paper)."""
+    up, down = meta_rates(group)
+    if up == down:
+        return up
+    return torch.full_like(d, up).masked_fill_(d > 0, down)  # exact in d's dtype
+
+
 def _meta_update(
-    L: Tensor, MB: Tensor, VB: Tensor | None, S: Tensor | None, z: Tensor, okf: Tensor, group: dict[str, Any]
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    L: Tensor,
+    MB: Tensor,
+    VB: Tensor | None,
+    S: Tensor | None,
+    C: Tensor,
+    z: Tensor,
+    okf: Tensor,
+    group: dict[str, Any],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
     """One meta step on stacked log step sizes (Algorithm 3 step 4); returns the new values."""
-    eta = group["meta_lr"]
     lo, hi = group["log_step_bounds"]
     b1, b2 = group["meta_betas"]
-    ok = okf.to(L.dtype)
+    C, gate = _meta_gate(group, C, okf)
+    ok = gate.to(L.dtype)
     if group["meta"] == "lion":
         upd = torch.sign(torch.lerp(z, MB, b1))  # sign(c_bar * m_bar + (1 - c_bar) * z)
-        L = L - (eta * ok) * upd
+        L = L - (_rate(group, upd) * ok) * upd
         MB = torch.lerp(MB, z, ok * (1 - b2))
     else:
-        S = S + okf.to(S.dtype)
+        S = S + gate.to(S.dtype)
         MB = torch.lerp(MB, z, ok * (1 - b1))
-        VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z
+        VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z * ok
         s = S.to(torch.float64).clamp(min=1)  # bias corrections in float64 (0.999 is not a float32)
         m_hat = MB / (1 - torch.pow(b1, s)).to(L.dtype)
         v_hat = VB / (1 - torch.pow(b2, s)).to(L.dtype)
-        L = L - (eta * ok) * m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
-    return L.clamp(lo, hi), MB, VB, S
+        d = m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
+        L = L - (_rate(group, d) * ok) * d
+    return L.clamp(lo, hi), MB, VB, S, C
 
 
 def _meta_step_shared(
@@ -1012,21 +1124,22 @@ def _meta_step_shared(
     adam = group["meta"] == "adam"
     Ls = [s["log_step"] for s in sts]
     MBs = [s["meta_exp_avg"] for s in sts]
+    Cs = [s["block_step"] for s in sts]
     dev = Ls[0].device
     dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
-    stack = (
-        (lambda ts: torch.stack(ts).to(dt))
-        if len({t.device for t in Ls}) == 1
-        else (lambda ts: torch.stack([t.to(dev) for t in ts]).to(dt))
-    )
-    L, MB = stack(Ls), stack(MBs)
+    one_device = len({t.device for t in Ls}) == 1
+
+    def stack(ts: list[Tensor], dtype: torch.dtype = dt) -> Tensor:
+        return (torch.stack(ts) if one_device else torch.stack([t.to(dev) for t in ts])).to(dtype)
+
+    L, MB, C = stack(Ls), stack(MBs), stack(Cs, torch.float32)
     VB = stack([s["meta_exp_avg_sq"] for s in sts]) if adam else None
-    S = torch.stack([s["meta_step"].to(dev) for s in sts]) if adam else None
+    S = stack([s["meta_step"] for s in sts], torch.float32) if adam else None
     z = z.to(device=dev, dtype=dt)
     if z.dim() == 0:
         z = z.expand(len(members))
-    L, MB, VB, S = _meta_update(L, MB, VB, S, z, okf.to(dev), group)
-    dst, src = Ls + MBs, list(L.unbind(0)) + list(MB.unbind(0))
+    L, MB, VB, S, C = _meta_update(L, MB, VB, S, C, z, okf.to(dev), group)
+    dst, src = Ls + MBs + Cs, list(L.unbind(0)) + list(MB.unbind(0)) + list(C.unbind(0))
     if adam:
         dst += [s["meta_exp_avg_sq"] for s in sts] + [s["meta_step"] for s in sts]
         src += list(VB.unbind(0)) + list(S.unbind(0))
@@ -1044,35 +1157,70 @@ def _meta_step_element(
     z = [_local(t) for t in z]
     L = [s["log_step"] for s in sts]
     MB = [s["meta_exp_avg"] for s in sts]
-    eta = group["meta_lr"]
     lo, hi = group["log_step_bounds"]
     b1, b2 = group["meta_betas"]
-    ok = okf.to(L[0].dtype)
+    Cs = [s["block_step"] for s in sts]
+    C, gate = _meta_gate(group, torch.stack(Cs), okf)
+    torch._foreach_copy_(Cs, list(C.unbind(0)))
+    wide = L[0].dtype
+    # one 0/1 gate per tensor (its own step count decides the cooldown), or the step's flag for all
+    oks = list(gate.to(wide).unbind(0)) if gate.dim() else None
+    ok = gate.to(wide) if oks is None else None
+    up, down = meta_rates(group)
+    if group["meta"] == "adam":
+        VB = [s["meta_exp_avg_sq"] for s in sts]
+        S = [s["meta_step"] for s in sts]
+        torch._foreach_add_(S, gate.to(torch.float32) if oks is None else list(gate.to(torch.float32).unbind(0)))
+        s64 = torch.stack(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
+        bc1 = (1 - torch.pow(b1, s64)).to(wide)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(wide)
+    if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors
+        torch._foreach_mul_(z, oks)
+        okl: Any = oks
+    else:
+        okl = ok
     if group["meta"] == "lion":
         upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z
         torch._foreach_sign_(upd)
-        torch._foreach_lerp_(MB, z, ok * (1 - b2))
-        torch._foreach_mul_(upd, ok * (-eta))
+        if oks is None:
+            torch._foreach_lerp_(MB, z, ok * (1 - b2))
+        else:
+            for mb, zz, o in zip(MB, z, oks):
+                mb.lerp_(zz, o * (1 - b2))
+        _apply_rate(upd, up, down, okl)
         torch._foreach_add_(L, upd)
     else:
-        VB = [s["meta_exp_avg_sq"] for s in sts]
-        S = [s["meta_step"] for s in sts]
-        torch._foreach_add_(S, okf.to(torch.float32))
-        s64 = torch.stack(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
-        bc1 = (1 - torch.pow(b1, s64)).to(L[0].dtype)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(L[0].dtype)
-        torch._foreach_lerp_(MB, z, ok * (1 - b1))
-        torch._foreach_mul_(VB, 1 - ok * (1 - b2))
+        if oks is None:
+            torch._foreach_lerp_(MB, z, ok * (1 - b1))
+            torch._foreach_mul_(VB, 1 - ok * (1 - b2))
+        else:
+            for mb, vb, zz, o in zip(MB, VB, z, oks):
+                mb.lerp_(zz, o * (1 - b1))
+                vb.mul_(1 - o * (1 - b2))
         torch._foreach_addcmul_(VB, z, z, value=1 - b2)
         for v, w in zip(VB, z):
             torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_hat) + eps
         torch._foreach_div_(z, list(bc2_sqrt.unbind(0)))
         torch._foreach_add_(z, group["meta_eps"])
         _div_into(MB, z)
-        torch._foreach_mul_(z, list((ok * (-eta) / bc1).unbind(0)))
+        if up == down and oks is None:  # one multiply: -eta * ok / bc1
+            torch._foreach_mul_(z, list((ok * (-up) / bc1).unbind(0)))
+        else:
+            torch._foreach_div_(z, list(bc1.unbind(0)))  # z <- the direction d = m_hat / (sqrt(v_hat) + eps)
+            _apply_rate(z, up, down, okl)
         torch._foreach_add_(L, z)
     for t in L:
         t.clamp_(lo, hi)
+
+
+def _apply_rate(d: list[Tensor], up: float, down: float, ok: Tensor | list[Tensor]) -> None:
+    """d <- -rate(d) * ok * d in place: the log step size falls by `down` and grows by `up` per unit of d."""
+    if up != down:
+        for t in d:
+            t.mul_(torch.full_like(t, -up).masked_fill_(t > 0, -down))
+    else:
+        torch._foreach_mul_(d, -up)
+    torch._foreach_mul_(d, ok)
 
 
 # ---------------------------------------------------------------------- checkpoint precision
@@ -1143,8 +1291,23 @@ def _check_checkpoint(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> di
         if "initial_lr" not in sg:  # no scheduler drove lr: it is an argument like the others
             group["lr"] = cg["lr"]
         groups.append(group)
+    state = _fill_block_steps(state_dict["state"])
+    state_dict = {**state_dict, "state": state}
     _stash_wide_state(optimizer, state_dict)
     return {**state_dict, "param_groups": groups}
+
+
+def _fill_block_steps(state: dict[Any, Any]) -> dict[Any, Any]:
+    """A checkpoint from before the cooldown (version 0.1: no ``block_step``) gets each param's own ``step``: the
+    block's step count wherever every member of a block stepped together, the usual case."""
+    if all(not isinstance(st, dict) or "block_step" in st or "step" not in st for st in state.values()):
+        return state
+    out = {}
+    for pid, st in state.items():
+        if isinstance(st, dict) and "step" in st and "block_step" not in st:
+            st = {**st, "block_step": torch.as_tensor(st["step"], dtype=torch.float32).clone()}
+        out[pid] = st
+    return out
 
 
 def _refuse_foreign(state_dict: dict[str, Any]) -> None:
@@ -1189,9 +1352,11 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
     for saved_ids, group in zip(ids, optimizer.param_groups):
         for pid, p in zip(saved_ids, group["params"]):
             for k, v in stash.get(pid, {}).items():
-                dt = torch.float32 if k in ("meta_step", "nonfinite_steps") else _wide_dtype(p.dtype)
+                dt = torch.float32 if k in _COUNTER_KEYS else _wide_dtype(p.dtype)
                 optimizer.state[p][k] = v.detach().to(device=p.device, dtype=dt, copy=True)
     optimizer._wide_stash, optimizer._wide_stash_ids = {}, []
+    counts = [st["block_step"] for st in optimizer.state.values() if isinstance(st, dict) and "block_step" in st]
+    optimizer._calls = int(torch.stack([c.cpu() for c in counts]).max()) if counts else 0  # one read, at load
     optimizer._index_cache = {}
     optimizer._all_groups = optimizer.param_groups  # load_state_dict installs a new list
     optimizer._check_groups(force=True)  # loaded groups are validated now, not at the first step

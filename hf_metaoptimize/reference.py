@@ -19,6 +19,7 @@ Validation is kept to what the algorithm needs; it is not the fast class's error
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -40,9 +41,18 @@ _BASES_WITH_EPS = ("adamw", "rmsprop")
 _BASES_WITH_EXP_AVG = ("adamw", "lion", "sgd")
 _BASES_WITH_EXP_AVG_SQ = ("adamw", "rmsprop")
 # Per-group keys that must agree between groups sharing one block (docs/design.md).
-_BLOCK_KEYS = ("meta_lr", "meta_betas", "meta_eps", "log_step_bounds")
+_BLOCK_KEYS = (
+    "meta_lr",
+    "meta_asymmetry",
+    "init_multiplier",
+    "total_steps",
+    "cooldown",
+    "meta_betas",
+    "meta_eps",
+    "log_step_bounds",
+)
 # Keys a param copies from the first member of its block that has state (scalar / block granularity).
-_SHARED_KEYS = ("log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step")
+_SHARED_KEYS = ("log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "block_step")
 
 
 def _base_betas(group: dict[str, Any]) -> tuple[float, ...]:
@@ -66,6 +76,21 @@ def _base_eps(group: dict[str, Any]) -> float:
     return 1e-8 if group["eps"] is None else float(group["eps"])
 
 
+def _cooldown_length(group: dict[str, Any]) -> int:
+    """n_c = floor(cooldown * T) final steps of linear decay (docs/design.md "Cooldown"); 0 = no cooldown."""
+    if group["total_steps"] is None or group["cooldown"] == 0:
+        return 0
+    return int(math.floor(float(group["cooldown"]) * int(group["total_steps"]) + 1e-9))
+
+
+def _cooldown_factor(group: dict[str, Any], t: int) -> float:
+    """s(t) = clamp((T - t) / n_c, 0, 1) for the t-th step of a block; 1 without a cooldown."""
+    n_c = _cooldown_length(group)
+    if n_c == 0:
+        return 1.0
+    return min(1.0, max(0.0, (int(group["total_steps"]) - t) / n_c))
+
+
 class MetaOptimizeReference(torch.optim.Optimizer):
     """MetaOptimize, paper Algorithm 3, computed in float64 one parameter at a time.
 
@@ -81,7 +106,11 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         base: str = "adamw",
         meta: str = "lion",
         granularity: str = "scalar",
-        meta_lr: float = 1e-3,
+        meta_lr: float = 2e-2,
+        meta_asymmetry: float = 1.5,
+        init_multiplier: float = 0.1,
+        total_steps: int | None = None,
+        cooldown: float = 0.2,
         gamma: float = 1.0,
         betas: float | tuple[float, ...] | None = None,
         eps: float | None = None,
@@ -98,6 +127,10 @@ class MetaOptimizeReference(torch.optim.Optimizer):
             meta=meta,
             granularity=granularity,
             meta_lr=meta_lr,
+            meta_asymmetry=meta_asymmetry,
+            init_multiplier=init_multiplier,
+            total_steps=total_steps,
+            cooldown=cooldown,
             gamma=gamma,
             betas=betas,
             eps=eps,
@@ -134,8 +167,12 @@ class MetaOptimizeReference(torch.optim.Optimizer):
                 raise ValueError(f"base {group['base']!r} takes {n_betas} betas, got {group['betas']}")
             if not 0.0 <= group["gamma"] <= 1.0:
                 raise ValueError(f"Invalid gamma: {group['gamma']}")
-            if group["meta_lr"] < 0.0:
-                raise ValueError(f"Invalid meta_lr: {group['meta_lr']}")
+            if group["meta_lr"] < 0.0 or not group["meta_asymmetry"] > 0.0:
+                raise ValueError(f"Invalid meta_lr / meta_asymmetry: {group['meta_lr']}, {group['meta_asymmetry']}")
+            if not group["init_multiplier"] > 0.0:
+                raise ValueError(f"Invalid init_multiplier: {group['init_multiplier']}")
+            if not 0.0 <= group["cooldown"] <= 1.0:
+                raise ValueError(f"Invalid cooldown: {group['cooldown']}")
             lo, hi = group["log_step_bounds"]
             if not lo <= 0.0 <= hi:
                 raise ValueError(f"Invalid log_step_bounds: {group['log_step_bounds']}")
@@ -171,7 +208,8 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         ]
 
     def _init_state(self, group_index: int, group: dict[str, Any], p: torch.Tensor) -> None:
-        """Algorithm 3 state: base moments, trace h = 0, log_step = 0 and meta moments (design step 1)."""
+        """Algorithm 3 state: base moments, trace h = 0, log_step = ln(init_multiplier) (0 in the paper), meta
+        moments, and the block's step count (design step 1)."""
         base, meta = group["base"], group["meta"]
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32)
@@ -181,11 +219,12 @@ class MetaOptimizeReference(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=_F64)
         state["trace"] = torch.zeros(p.shape, dtype=_F64)
         log_step_shape = p.shape if group["granularity"] == "element" else ()
-        state["log_step"] = torch.zeros(log_step_shape, dtype=_F64)
+        state["log_step"] = torch.full(log_step_shape, math.log(float(group["init_multiplier"])), dtype=_F64)
         state["meta_exp_avg"] = torch.zeros(log_step_shape, dtype=_F64)
         if meta == "adam":
             state["meta_exp_avg_sq"] = torch.zeros(log_step_shape, dtype=_F64)
             state["meta_step"] = torch.zeros((), dtype=torch.float32)
+        state["block_step"] = torch.zeros((), dtype=torch.float32)
         state["nonfinite_steps"] = torch.zeros((), dtype=torch.float32)
         # scalar / block: a late param joins its block's CURRENT log_step and meta state, copied from
         # the first member of the block (param-group order) that already has state.
@@ -276,7 +315,9 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         kappa = float(group["weight_decay"])
         gamma = float(group["gamma"])
         w = p.detach().to(_F64)
-        alpha = float(group["lr"]) * torch.exp(state["log_step"])  # 0-d, or param-shaped for element
+        # alpha = lr * exp(log_step) * s(t_b), t_b = the block's step count including this step (cooldown)
+        s = _cooldown_factor(group, int(state["block_step"].item()) + 1)
+        alpha = float(group["lr"]) * torch.exp(state["log_step"]) * s  # 0-d, or param-shaped for element
 
         state["step"] += 1
         t = int(state["step"].item())
@@ -323,17 +364,29 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         state["trace"] = gamma * (1.0 - kappa * alpha) * state["trace"] + dw
 
     def _meta_step(self, group: dict[str, Any], targets: list[torch.Tensor], z: torch.Tensor) -> None:
-        """Descent on log_step with block meta-gradient z, written to every target (design step 6)."""
+        """Descent on log_step with block meta-gradient z, written to every target (design step 6).
+
+        The block's step count t_b advances on every applied step; during the cooldown (t_b > T - n_c) the meta
+        state is frozen. The log step size grows by eta_up and falls by eta_down per unit of update.
+        """
         lead = self.state[targets[0]]
-        eta = float(group["meta_lr"])
+        up = float(group["meta_lr"])
+        down = up * float(group["meta_asymmetry"])
         b1, b2 = _meta_betas(group)
         lo, hi = group["log_step_bounds"]
-        new: dict[str, torch.Tensor] = {}
-        if group["meta"] == "lion":
-            # Lion meta: log_step -= eta sign(c_bar m_bar + (1-c_bar) z); then m_bar <- rho_bar m_bar + (1-rho_bar) z.
+        new: dict[str, torch.Tensor] = {"block_step": lead["block_step"] + 1}
+        n_c = _cooldown_length(group)
+        frozen = n_c > 0 and int(new["block_step"].item()) > int(group["total_steps"]) - n_c
+        if frozen:
+            pass  # the cooldown: the learned step size and its meta state stay as they are
+        elif group["meta"] == "lion":
+            # Lion meta: u = sign(c_bar m_bar + (1-c_bar) z); log_step -= eta(u) u;
+            # m_bar <- rho_bar m_bar + (1-rho_bar) z.
             c_bar, rho_bar = b1, b2
             m_bar = lead["meta_exp_avg"]
-            log_step = lead["log_step"] - eta * torch.sign(c_bar * m_bar + (1.0 - c_bar) * z)
+            u = torch.sign(c_bar * m_bar + (1.0 - c_bar) * z)
+            eta = torch.where(u > 0, torch.tensor(down, dtype=_F64), torch.tensor(up, dtype=_F64))  # eta(u)
+            new["log_step"] = lead["log_step"] - eta * u
             new["meta_exp_avg"] = rho_bar * m_bar + (1.0 - rho_bar) * z
         else:
             # Adam meta: bias-corrected Adam on log_step with meta_eps, s = number of meta updates.
@@ -343,12 +396,15 @@ class MetaOptimizeReference(torch.optim.Optimizer):
             v_bar = b2 * lead["meta_exp_avg_sq"] + (1.0 - b2) * z * z
             m_hat = m_bar / (1.0 - b1**s)
             v_hat = v_bar / (1.0 - b2**s)
-            log_step = lead["log_step"] - eta * m_hat / (torch.sqrt(v_hat) + float(group["meta_eps"]))
+            d = m_hat / (torch.sqrt(v_hat) + float(group["meta_eps"]))
+            eta = torch.where(d > 0, torch.tensor(down, dtype=_F64), torch.tensor(up, dtype=_F64))
+            new["log_step"] = lead["log_step"] - eta * d
             new["meta_step"] = meta_step
             new["meta_exp_avg"] = m_bar
             new["meta_exp_avg_sq"] = v_bar
         # log_step is clamped into log_step_bounds after every meta update.
-        new["log_step"] = torch.clamp(log_step, min=float(lo), max=float(hi))
+        if "log_step" in new:
+            new["log_step"] = torch.clamp(new["log_step"], min=float(lo), max=float(hi))
         for p in targets:
             for name, value in new.items():
                 self.state[p][name] = value.clone()
@@ -358,24 +414,31 @@ class MetaOptimizeReference(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step_sizes(self) -> list[list[torch.Tensor]]:
-        """Per group, per param: ``lr * exp(log_step)`` as float32 (0-d, or param-shaped for element).
+        """Per group, per param: the step size of the NEXT step, ``lr * exp(log_step) * s(t_b + 1)``, as float32
+        (0-d, or param-shaped for element).
 
-        A param without state reports its block's current value (scalar / block), otherwise ``lr``.
+        A param without state reports its block's current value (scalar / block), otherwise
+        ``lr * init_multiplier * s(1)``.
         """
         out: list[list[torch.Tensor]] = []
         for index, group in enumerate(self.param_groups):
             sizes = []
             for p in group["params"]:
-                log_step = self.state[p].get("log_step") if len(self.state[p]) > 0 else None
-                if log_step is None and group["granularity"] in ("scalar", "block"):
+                state = self.state[p] if len(self.state[p]) > 0 else None
+                if state is None and group["granularity"] in ("scalar", "block"):
                     key = self._block_key(index, group, p)
                     for _, other in self._block_members(key):
                         if len(self.state[other]) > 0:
-                            log_step = self.state[other]["log_step"]
+                            state = self.state[other]
                             break
-                if log_step is None:
+                if state is None:
                     shape = p.shape if group["granularity"] == "element" else ()
-                    log_step = torch.zeros(shape, dtype=_F64)
-                sizes.append((float(group["lr"]) * torch.exp(log_step.to(_F64))).to(torch.float32))
+                    log_step = torch.full(shape, math.log(float(group["init_multiplier"])), dtype=_F64)
+                    t = 1
+                else:
+                    log_step = state["log_step"].to(_F64)
+                    t = int(state["block_step"].item()) + 1
+                s = _cooldown_factor(group, t)
+                sizes.append((float(group["lr"]) * torch.exp(log_step) * s).to(torch.float32))
             out.append(sizes)
         return out

@@ -21,12 +21,15 @@ __all__ = [
     "BASES_WITH_EPS",
     "DEFAULT_META_BETAS",
     "DEFAULT_EPS",
+    "PAPER_EXACT",
     "IDENTITY_KEYS",
     "ARGUMENT_KEYS",
     "SCHEDULE_KEYS",
     "BLOCK_KEYS",
     "normalize_group",
     "check_lr",
+    "meta_rates",
+    "cooldown_steps",
 ]
 
 #: Base rules (paper Table: the first-order optimizer whose step sizes are learned).
@@ -61,7 +64,11 @@ DEFAULTS: dict[str, Any] = {
     "base": "adamw",
     "meta": "lion",
     "granularity": "scalar",
-    "meta_lr": 1e-3,
+    "meta_lr": 2e-2,
+    "meta_asymmetry": 1.5,
+    "init_multiplier": 0.1,
+    "total_steps": None,
+    "cooldown": 0.2,
     "gamma": 1.0,
     "betas": None,
     "eps": None,
@@ -74,12 +81,20 @@ DEFAULTS: dict[str, Any] = {
     "fused": None,
 }
 
+#: Paper-exact Algorithm 3 (Sharifnassab et al., 2025): one fixed meta step size, the learned multiplier starting
+#: at 1, no cooldown. ``MetaOptimize(params, lr, **PAPER_EXACT)``; ``--optim metaoptimize_paper`` in the Trainer.
+PAPER_EXACT: dict[str, Any] = {"meta_lr": 1e-3, "meta_asymmetry": 1.0, "init_multiplier": 1.0, "cooldown": 0.0}
+
 # What a checkpoint may and may not change (load_state_dict; docs/design.md "Resume").
 #: Define the algorithm and the layout of the state: a checkpoint whose values differ is refused.
 IDENTITY_KEYS = ("base", "meta", "granularity", "block")
 #: Hyper-parameters that may legitimately change on resume: the values passed to the new optimizer win.
 ARGUMENT_KEYS = (
     "meta_lr",
+    "meta_asymmetry",
+    "init_multiplier",
+    "total_steps",
+    "cooldown",
     "gamma",
     "betas",
     "eps",
@@ -95,7 +110,16 @@ ARGUMENT_KEYS = (
 #: as for every torch optimizer; without a scheduler ``lr`` is an argument like the others.
 SCHEDULE_KEYS = ("lr", "initial_lr")
 #: Hyper-parameters that groups sharing a block must agree on (they define the block's meta update).
-BLOCK_KEYS = ("meta_lr", "meta_betas", "meta_eps", "log_step_bounds")
+BLOCK_KEYS = (
+    "meta_lr",
+    "meta_asymmetry",
+    "init_multiplier",
+    "total_steps",
+    "cooldown",
+    "meta_betas",
+    "meta_eps",
+    "log_step_bounds",
+)
 #: Every group must use the same value (one algorithm per optimizer).
 GLOBAL_KEYS = ("base", "meta", "granularity")
 
@@ -151,6 +175,27 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: invalid {key}={val!r}; expected a value in [0, {upper}]")
 
     nonneg("meta_lr")
+    asym = group["meta_asymmetry"]
+    if not _is_number(asym) or not math.isfinite(asym) or asym <= 0:
+        raise ValueError(
+            f"{where}: invalid meta_asymmetry={asym!r}; expected a finite number > 0 (how many times faster the "
+            "log step size falls than it grows: 1 is the paper's symmetric rule, the default is "
+            f"{DEFAULTS['meta_asymmetry']})"
+        )
+    group["meta_asymmetry"] = float(asym)
+    init = group["init_multiplier"]
+    if not _is_number(init) or not math.isfinite(init) or init <= 0:
+        raise ValueError(
+            f"{where}: invalid init_multiplier={init!r}; expected a finite number > 0 (the learned multiplier "
+            f"of lr at the first step; 1 is the paper's start, the default is {DEFAULTS['init_multiplier']})"
+        )
+    total = group["total_steps"]
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 1):
+        raise ValueError(
+            f"{where}: invalid total_steps={total!r}; expected a whole number >= 1 (the run's length in "
+            "optimizer steps, which the cooldown ends at), or None for no cooldown"
+        )
+    nonneg("cooldown", 1.0)
     nonneg("gamma", 1.0)
     nonneg("weight_decay")
 
@@ -211,6 +256,13 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
             f"(bounds on the learned log step-size multiplier; the default is {DEFAULTS['log_step_bounds']})"
         )
     group["log_step_bounds"] = (float(bounds[0]), float(bounds[1]))
+    if not bounds[0] <= math.log(init) <= bounds[1]:
+        raise ValueError(
+            f"{where}: init_multiplier={init!r} lies outside log_step_bounds={tuple(bounds)!r} "
+            f"(log {math.log(init):.3g}); widen the bounds or pick a multiplier inside them"
+        )
+    group["init_multiplier"] = float(init)
+    group["cooldown"] = float(group["cooldown"])
     if not isinstance(group["skip_nonfinite"], bool):
         raise ValueError(f"{where}: invalid skip_nonfinite={group['skip_nonfinite']!r}; expected True or False")
     for key in ("foreach", "fused"):
@@ -220,3 +272,19 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
         raise ValueError(
             f"{where}: fused=True and foreach=False ask for two different implementations; pass one of them"
         )
+
+
+def meta_rates(group: dict[str, Any]) -> tuple[float, float]:
+    """(eta_up, eta_down) = (meta_lr, meta_asymmetry * meta_lr): the meta step when the log step size grows, and
+    when it falls (equal in the paper)."""
+    up = float(group["meta_lr"])
+    return up, up * float(group["meta_asymmetry"])
+
+
+def cooldown_steps(group: dict[str, Any]) -> int:
+    """n_c = floor(cooldown * total_steps): the number of final steps over which the step size falls linearly to 0
+    (with the meta step frozen); 0 when ``total_steps`` is None or ``cooldown`` is 0."""
+    total = group["total_steps"]
+    if total is None or not group["cooldown"]:
+        return 0
+    return int(math.floor(group["cooldown"] * total + 1e-9))

@@ -2,7 +2,10 @@
 
 In the spirit of torch's ``OptimizerInfo``: each :class:`OptimCase` is one constructor configuration plus
 the param-group layout and gradient pattern it runs on. :data:`CASES` covers every base x meta x
-granularity (4 x 2 x 4 = 32) and the variants (weight decay, gamma < 1, several groups with and without
+granularity (4 x 2 x 4 = 32) twice: at the shipped rule with a cooldown that starts, freezes the meta step
+and runs past its end within the run (``total_steps=50, cooldown=0.3`` on 60 steps), and at the paper-exact
+setting (``PAPER_EXACT``: symmetric meta step, multiplier starting at 1, no cooldown); then the variants
+(weight decay, gamma < 1, several groups with and without
 ``"block"`` keys, per-group lr / weight decay / betas, params whose grad is None on some steps, params that
 join late, non-finite gradients, tight log_step bounds, meta_lr = 0, gamma = 0, Adam meta settings).
 
@@ -22,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hf_metaoptimize.spec import BASES, GRANULARITIES, METAS  # the one list of rules
+from hf_metaoptimize.spec import BASES, GRANULARITIES, METAS, PAPER_EXACT  # the one list of rules
 
 # name -> shape: a tiny transformer block, plus one 3-d tensor.
 PARAM_SHAPES: dict[str, tuple[int, ...]] = {
@@ -73,11 +76,25 @@ class OptimCase:
         return f"OptimCase({self.name})"
 
 
+# the paper-exact rule at the test table's meta step size
+PAPER = {**PAPER_EXACT, "meta_lr": 1e-2}
+# a cooldown over the last 15 of 50 steps, then 10 steps past the end (step size 0) in a 60-step run
+COOLDOWN = {"total_steps": 50, "cooldown": 0.3}
+
+
 def _core_cases() -> list[OptimCase]:
     cases = []
     for base, meta, granularity in itertools.product(BASES, METAS, GRANULARITIES):
-        kwargs = dict(lr=DEFAULT_LR[base], base=base, meta=meta, granularity=granularity, meta_lr=1e-2)
+        kwargs = dict(lr=DEFAULT_LR[base], base=base, meta=meta, granularity=granularity, meta_lr=1e-2, **COOLDOWN)
         cases.append(OptimCase(f"{base}-{meta}-{granularity}", kwargs))
+    return cases
+
+
+def _paper_cases() -> list[OptimCase]:
+    cases = []
+    for base, meta, granularity in itertools.product(BASES, METAS, GRANULARITIES):
+        kwargs = dict(lr=DEFAULT_LR[base], base=base, meta=meta, granularity=granularity, **PAPER)
+        cases.append(OptimCase(f"paper-{base}-{meta}-{granularity}", kwargs))
     return cases
 
 
@@ -149,7 +166,14 @@ def _variant_cases() -> list[OptimCase]:
         cases.append(
             OptimCase(
                 f"lion-tight-bounds-{granularity}",
-                dict(lr=3e-3, base="lion", granularity=granularity, meta_lr=2e-2, log_step_bounds=(-0.05, 0.06)),
+                dict(
+                    lr=3e-3,
+                    base="lion",
+                    granularity=granularity,
+                    meta_lr=2e-2,
+                    log_step_bounds=(-0.05, 0.06),
+                    init_multiplier=1.0,
+                ),
             )
         )
     cases += [
@@ -182,7 +206,8 @@ def _variant_cases() -> list[OptimCase]:
 
 
 CORE_CASES: list[OptimCase] = _core_cases()
-CASES: list[OptimCase] = CORE_CASES + _variant_cases()
+PAPER_CASES: list[OptimCase] = _paper_cases()
+CASES: list[OptimCase] = CORE_CASES + PAPER_CASES + _variant_cases()
 
 
 class RunPair(NamedTuple):

@@ -249,6 +249,24 @@ def test_the_reference_and_the_spec_name_the_same_rules():
     assert reference._METAS == spec.METAS
     assert reference._GRANULARITIES == spec.GRANULARITIES
     assert reference._BASES_WITH_EPS == spec.BASES_WITH_EPS
+    assert set(reference._BLOCK_KEYS) == set(spec.BLOCK_KEYS)
+
+
+def test_one_default_everywhere():
+    """The constructor, the reference and the --optim_args schema take their defaults from spec.DEFAULTS."""
+    import inspect
+
+    from hf_metaoptimize import MetaOptimize, reference
+    from hf_metaoptimize.integrations.optim_args import OPTIM_ARGS
+
+    for cls in (MetaOptimize, reference.MetaOptimizeReference):
+        params = inspect.signature(cls).parameters
+        for key, default in spec.DEFAULTS.items():
+            if key in params and key not in ("fused",):
+                assert params[key].default == default, (cls.__name__, key)
+    for key in ("meta", "granularity", "meta_lr", "meta_asymmetry", "init_multiplier", "cooldown", "gamma"):
+        assert OPTIM_ARGS[key].default == spec.DEFAULTS[key], key
+    assert set(spec.PAPER_EXACT) <= set(OPTIM_ARGS) and set(spec.PAPER_EXACT) <= set(spec.DEFAULTS)
 
 
 def test_resume_classes_cover_every_hyper_parameter():

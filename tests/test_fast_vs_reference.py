@@ -11,6 +11,7 @@ import torch
 from optim_cases import (
     CASES,
     CORE_CASES,
+    PAPER_CASES,
     OptimCase,
     RunPair,
     fast_class,
@@ -96,6 +97,7 @@ def _expected_dtypes(kwargs: dict, param_dtype: torch.dtype) -> dict[str, torch.
         "trace": wide,
         "log_step": wide,
         "meta_exp_avg": wide,
+        "block_step": torch.float32,
         "nonfinite_steps": torch.float32,
     }
     if base in ("adamw", "lion", "sgd"):
@@ -148,6 +150,9 @@ def test_fast_leaves_grads_untouched(case):
 def test_cases_cover_every_base_meta_granularity():
     combos = {(c.kwargs["base"], c.kwargs["meta"], c.kwargs["granularity"]) for c in CORE_CASES}
     assert len(combos) == len(CORE_CASES) == 32
+    paper = {(c.kwargs["base"], c.kwargs["meta"], c.kwargs["granularity"]) for c in PAPER_CASES}
+    assert paper == combos and len(PAPER_CASES) == 32
+    assert all(c.kwargs["total_steps"] < 60 for c in CORE_CASES)  # the cooldown starts and ends in the run
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     assert isinstance(CASES[0], OptimCase)

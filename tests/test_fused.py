@@ -37,12 +37,15 @@ TABLE += [
         "lion-adam-grad-none-block",
         "adamw-per-group-block",
         "adamw-skip-nonfinite-off",
+        "paper-adamw-lion-element",
+        "paper-adamw-adam-element",
+        "paper-lion-lion-scalar",
     )
 ]
 
 
 def test_table_is_what_it_says():
-    assert len(TABLE) == 20 + 9
+    assert len(TABLE) == 20 + 12
 
 
 @pytest.mark.parametrize("case", TABLE, ids=lambda c: c.name)

@@ -288,7 +288,7 @@ def test_metaoptimize_training_arguments_typed_flags():
     text = " ".join(out.getvalue().split())
     for flag in ("--metaoptimize_meta_lr", "--metaoptimize_granularity", "--metaoptimize_gamma", "--metaoptimize_meta"):
         assert flag in text
-    assert "{scalar,layer,tensor,element}" in text and "(default: 0.001)" in text
+    assert "{scalar,layer,tensor,element}" in text and "(default: 0.02)" in text and "--metaoptimize_cooldown" in text
 
     args = parse(MetaOptimizeTrainingArguments, "--metaoptimize_granularity", "layer", "--metaoptimize_meta_lr", "0.01")
     assert args.optim == OptimizerNames.METAOPTIMIZE and args.lr_scheduler_type == "constant"

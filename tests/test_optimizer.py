@@ -52,7 +52,7 @@ def assert_state_equal(a, b):
 def test_meta_lr_zero_is_adamw(weight_decay):
     params = make_params(torch.float64)
     ref = [p.detach().clone().requires_grad_() for p in params]
-    opt = MetaOptimize(params, lr=1e-2, meta_lr=0.0, weight_decay=weight_decay)
+    opt = MetaOptimize(params, lr=1e-2, meta_lr=0.0, weight_decay=weight_decay, init_multiplier=1.0)
     torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(0)
     for _ in range(60):
@@ -80,7 +80,7 @@ def test_gamma_one_no_decay_trace_is_displacement(base):
 
 def test_lion_meta_moves_log_step_by_exactly_eta():
     params = make_params(torch.float64)
-    opt = MetaOptimize(params, lr=1e-2, granularity="element", meta_lr=1e-2)
+    opt = MetaOptimize(params, lr=1e-2, granularity="element", meta_lr=1e-2, meta_asymmetry=1.0)
     prev = None
     for i in range(30):
         run(opt, params, 1, seed=i)
@@ -93,7 +93,9 @@ def test_lion_meta_moves_log_step_by_exactly_eta():
 
 def test_log_step_bounds_hold():
     params = make_params()
-    opt = MetaOptimize(params, lr=1e-3, meta_lr=0.5, granularity="tensor", log_step_bounds=(-1.0, 0.5))
+    opt = MetaOptimize(
+        params, lr=1e-3, meta_lr=0.5, granularity="tensor", log_step_bounds=(-1.0, 0.5), init_multiplier=1.0
+    )
     run(opt, params, 40)
     for p in params:
         assert -1.0 <= opt.state[p]["log_step"].item() <= 0.5
@@ -406,9 +408,9 @@ def _train_digits(make_opt, steps=300, seed=0):
 
 
 def test_step_size_rises_from_tiny_alpha0_and_loss_falls():
-    start, _ = _train_digits(lambda p: MetaOptimize(p, lr=1e-6, meta_lr=0.03), steps=1)
+    start, _ = _train_digits(lambda p: MetaOptimize(p, lr=1e-6, meta_lr=0.03, init_multiplier=1.0), steps=1)
     fixed, _ = _train_digits(lambda p: torch.optim.AdamW(p, lr=1e-6))
-    loss, opt = _train_digits(lambda p: MetaOptimize(p, lr=1e-6, meta_lr=0.03))
+    loss, opt = _train_digits(lambda p: MetaOptimize(p, lr=1e-6, meta_lr=0.03, init_multiplier=1.0))
     alpha = opt.step_sizes()[0][0].item()
     assert alpha > 1e-4, alpha  # rose by more than 100x
     assert loss < 0.5 * start and loss < 0.5 * fixed, (start, fixed, loss)
@@ -487,3 +489,63 @@ def test_host_read_guard_catches_a_read(forbid_host_reads):
     with forbid_host_reads(), pytest.raises(_HostSync):
         if t > 0:
             pass
+
+
+# ---------------------------------------------------------------- the cooldown's clock
+def test_stepping_past_total_steps_warns_once_and_stops(caplog):
+    model = torch.nn.Linear(3, 2)
+    opt = MetaOptimize(model.parameters(), lr=1e-2, total_steps=5, cooldown=0.4)
+    with caplog.at_level("WARNING", logger="hf_metaoptimize"):
+        for _ in range(8):
+            model.weight.grad = torch.ones_like(model.weight)
+            model.bias.grad = torch.ones_like(model.bias)
+            before = model.weight.detach().clone()
+            opt.step()
+    assert torch.equal(model.weight, before)  # steps 5-8: s = 0
+    msgs = [r.getMessage() for r in caplog.records if "past total_steps=5" in r.getMessage()]
+    assert len(msgs) == 1 and "step 6" in msgs[0]
+    assert float(opt.step_sizes()[0][0]) == 0.0
+
+
+def test_resume_keeps_the_cooldown_clock():
+    """block_step is saved and loaded: a resumed run is at the same point of its cooldown (bit for bit)."""
+    torch.manual_seed(0)
+    make = lambda m: MetaOptimize(m.parameters(), lr=1e-2, total_steps=12, cooldown=0.5)  # noqa: E731
+    a = torch.nn.Linear(4, 3)
+    b = torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    oa, ob = make(a), make(b)
+    grads = [torch.randn(3, 4) for _ in range(10)]
+
+    def step(model, opt, g):
+        model.weight.grad, model.bias.grad = g.clone(), g[:, 0].clone()
+        opt.step()
+
+    for g in grads[:4]:
+        step(a, oa, g)
+        step(b, ob, g)
+    saved = ob.state_dict()
+    ob = make(b)
+    ob.load_state_dict(saved)
+    for g in grads[4:]:
+        step(a, oa, g)
+        step(b, ob, g)
+    assert torch.equal(a.weight, b.weight)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(oa.state[p]["block_step"], ob.state[q]["block_step"])
+    assert ob._calls == 10
+
+
+def test_checkpoint_without_block_step_gets_the_param_step():
+    """A checkpoint from version 0.1 (no block_step) loads: the cooldown clock starts at each param's step."""
+    model = torch.nn.Linear(3, 2)
+    opt = MetaOptimize(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        model.weight.grad, model.bias.grad = torch.ones(2, 3), torch.ones(2)
+        opt.step()
+    saved = opt.state_dict()
+    for st in saved["state"].values():
+        del st["block_step"]
+    fresh = MetaOptimize(model.parameters(), lr=1e-2)
+    fresh.load_state_dict(saved)
+    assert all(float(fresh.state[p]["block_step"]) == 3.0 for p in model.parameters())

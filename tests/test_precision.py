@@ -77,7 +77,7 @@ def test_bf16_autocast_training_keeps_float32_state_and_learns():
 
 def test_bf16_model_trains_with_float32_meta_state():
     model = mlp(torch.bfloat16)
-    opt = MetaOptimize(model.parameters(), lr=1e-3, meta_lr=1e-2, weight_decay=0.1)
+    opt = MetaOptimize(model.parameters(), lr=1e-3, meta_lr=1e-2, weight_decay=0.1, init_multiplier=1.0)
     x, y = data(64)
     x = x.bfloat16()
     first = None

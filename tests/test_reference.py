@@ -1,6 +1,7 @@
-"""The float64 reference alone, against the special cases of shared/ALGORITHM.md.
+"""The float64 reference alone, against the special cases of paper Algorithm 3, and the shipped rule's additions.
 
-Each test pins one closed-form consequence of paper Algorithm 3 (meta_lr = 0 is the base optimizer,
+The special cases run at the paper-exact setting (``Ref``: symmetric meta step, multiplier starting at 1, no
+cooldown). Each test pins one closed-form consequence of paper Algorithm 3 (meta_lr = 0 is the base optimizer,
 gamma = 1 and kappa = 0 make the trace the total displacement, gamma = 0 is hypergradient descent,
 granularities that must coincide do, Lion meta moves by exactly +-eta, bounds hold) so that the
 reference can serve as the ground truth for the fast implementation.
@@ -15,6 +16,15 @@ import torch
 
 from hf_metaoptimize import spec
 from hf_metaoptimize.reference import MetaOptimizeReference
+
+# the paper-exact setting with each test's own meta_lr
+PAPER = {k: v for k, v in spec.PAPER_EXACT.items() if k != "meta_lr"}
+
+
+def Ref(*args, **kwargs) -> MetaOptimizeReference:
+    """The reference at the paper-exact setting."""
+    return MetaOptimizeReference(*args, **{**PAPER, **kwargs})
+
 
 SHAPES = [(3, 4), (5,), (2, 3, 2)]
 BASES = list(spec.BASES)
@@ -59,7 +69,7 @@ def assert_params_equal(a, b, rtol=1e-10, atol=1e-12) -> None:
 def test_meta_lr_zero_is_torch_adamw(granularity):
     params = make_params()
     theirs = clone_params(params)
-    ref = MetaOptimizeReference(
+    ref = Ref(
         params,
         lr=1e-2,
         base="adamw",
@@ -86,7 +96,7 @@ def test_meta_lr_zero_sgd_is_torch_heavy_ball(granularity):
     alpha, rho = 0.05, 0.9
     params = make_params()
     theirs = clone_params(params)
-    ref = MetaOptimizeReference(params, lr=alpha, base="sgd", granularity=granularity, meta_lr=0.0, betas=rho)
+    ref = Ref(params, lr=alpha, base="sgd", granularity=granularity, meta_lr=0.0, betas=rho)
     torch_opt = torch.optim.SGD(theirs, lr=alpha * (1 - rho), momentum=rho, dampening=0.0)
     for grads_t in make_grads():
         apply(ref, params, grads_t)
@@ -101,7 +111,7 @@ def test_meta_lr_zero_rmsprop_is_torch_adamw_without_momentum(granularity):
     # Bias-corrected RMSProp == Adam with beta1 = 0 (m_hat = g), weight decay decoupled in both.
     params = make_params()
     theirs = clone_params(params)
-    ref = MetaOptimizeReference(
+    ref = Ref(
         params,
         lr=1e-2,
         base="rmsprop",
@@ -124,7 +134,7 @@ def test_meta_lr_zero_lion_is_hand_written_lion(granularity):
     params = make_params()
     ours = [p.detach().clone() for p in params]
     moments = [torch.zeros_like(p) for p in ours]
-    ref = MetaOptimizeReference(params, lr=lr, base="lion", granularity=granularity, meta_lr=0.0, weight_decay=kappa)
+    ref = Ref(params, lr=lr, base="lion", granularity=granularity, meta_lr=0.0, weight_decay=kappa)
     for grads_t in make_grads():
         apply(ref, params, grads_t)
         for i, g in enumerate(grads_t):
@@ -145,9 +155,7 @@ def test_meta_lr_zero_lion_is_hand_written_lion(granularity):
 def test_trace_is_total_displacement_when_gamma_one(base, meta, granularity):
     params = make_params()
     w0 = [p.detach().clone() for p in params]
-    ref = MetaOptimizeReference(
-        params, lr=1e-2, base=base, meta=meta, granularity=granularity, meta_lr=1e-2, gamma=1.0, weight_decay=0.0
-    )
+    ref = Ref(params, lr=1e-2, base=base, meta=meta, granularity=granularity, meta_lr=1e-2, gamma=1.0, weight_decay=0.0)
     for grads_t in make_grads(drift=1.0):
         apply(ref, params, grads_t)
     for p, start in zip(params, w0):
@@ -163,9 +171,7 @@ def test_trace_is_total_displacement_when_gamma_one(base, meta, granularity):
 def test_gamma_zero_is_hypergradient_descent_with_lion_meta(base):
     eta, c_bar, rho_bar = 0.01, 0.9, 0.99
     params = make_params()
-    ref = MetaOptimizeReference(
-        params, lr=1e-2, base=base, meta="lion", granularity="scalar", meta_lr=eta, gamma=0.0, weight_decay=0.1
-    )
+    ref = Ref(params, lr=1e-2, base=base, meta="lion", granularity="scalar", meta_lr=eta, gamma=0.0, weight_decay=0.1)
     prev_dw = [torch.zeros_like(p) for p in params]
     log_step, m_bar = 0.0, 0.0
     moves = 0
@@ -194,7 +200,7 @@ def test_gamma_zero_is_hypergradient_descent_with_lion_meta(base):
 def test_trace_and_meta_recursions_by_hand(base, meta, granularity):
     lr, eta, gamma, kappa, b1, b2 = 1e-2, 1e-2, 0.9, 0.1, 0.8, 0.95
     params = make_params()
-    ref = MetaOptimizeReference(
+    ref = Ref(
         params,
         lr=lr,
         base=base,
@@ -247,18 +253,18 @@ def test_scalar_equals_block_with_one_block(base, meta):
     params_b = clone_params(params_s)
     params_n = clone_params(params_s)
     # Two groups with different lr: scalar granularity vs one shared "block" key.
-    scalar = MetaOptimizeReference(
+    scalar = Ref(
         [{"params": params_s[:2], "lr": 1e-2}, {"params": params_s[2:], "lr": 3e-3}], granularity="scalar", **kwargs
     )
-    block = MetaOptimizeReference(
+    block = Ref(
         [{"params": params_b[:2], "lr": 1e-2, "block": "all"}, {"params": params_b[2:], "lr": 3e-3, "block": "all"}],
         granularity="block",
         **kwargs,
     )
     # One group without a block key is one block too.
-    single = MetaOptimizeReference([{"params": params_n, "lr": 1e-2}], granularity="block", **kwargs)
+    single = Ref([{"params": params_n, "lr": 1e-2}], granularity="block", **kwargs)
     single_scalar_params = clone_params(params_s)
-    single_scalar = MetaOptimizeReference(single_scalar_params, lr=1e-2, granularity="scalar", **kwargs)
+    single_scalar = Ref(single_scalar_params, lr=1e-2, granularity="scalar", **kwargs)
     for grads_t in make_grads(drift=0.5):
         runs = ((scalar, params_s), (block, params_b), (single, params_n), (single_scalar, single_scalar_params))
         for opt, ps in runs:
@@ -279,8 +285,8 @@ def test_block_with_one_group_per_tensor_equals_tensor(base, meta):
     kwargs = dict(lr=1e-2, base=base, meta=meta, meta_lr=1e-2, gamma=0.99, weight_decay=0.05)
     params_t = make_params()
     params_b = clone_params(params_t)
-    tensor = MetaOptimizeReference(params_t, granularity="tensor", **kwargs)
-    block = MetaOptimizeReference([{"params": [p]} for p in params_b], granularity="block", **kwargs)
+    tensor = Ref(params_t, granularity="tensor", **kwargs)
+    block = Ref([{"params": [p]} for p in params_b], granularity="block", **kwargs)
     for grads_t in make_grads(drift=0.5):
         apply(tensor, params_t, grads_t)
         apply(block, params_b, grads_t)
@@ -299,7 +305,7 @@ def test_block_with_one_group_per_tensor_equals_tensor(base, meta):
 def test_lion_meta_moves_log_step_by_exactly_meta_lr(base, granularity):
     eta = 0.01
     params = make_params()
-    ref = MetaOptimizeReference(
+    ref = Ref(
         params, lr=1e-2, base=base, meta="lion", granularity=granularity, meta_lr=eta, gamma=0.999, weight_decay=0.1
     )
     seen_move = False
@@ -319,9 +325,7 @@ def test_lion_meta_moves_log_step_by_exactly_meta_lr(base, granularity):
 def test_log_step_stays_within_bounds(meta, granularity):
     lo, hi = -0.05, 0.03
     params = make_params()
-    ref = MetaOptimizeReference(
-        params, lr=1e-2, base="adamw", meta=meta, granularity=granularity, meta_lr=0.02, log_step_bounds=(lo, hi)
-    )
+    ref = Ref(params, lr=1e-2, base="adamw", meta=meta, granularity=granularity, meta_lr=0.02, log_step_bounds=(lo, hi))
     # Gradients with a fixed mean: z = h . g < 0, so the step sizes keep growing until the upper bound.
     for grads_t in make_grads(steps=30, drift=2.0):
         apply(ref, params, grads_t)
@@ -340,7 +344,7 @@ def test_late_param_copies_block_state_and_idle_members_follow(meta, granularity
     lr = 1e-2
     params = make_params()
     groups = [{"params": params[:2], "block": "b"}, {"params": params[2:], "block": "b"}]
-    ref = MetaOptimizeReference(groups, lr=lr, base="adamw", meta=meta, granularity=granularity, meta_lr=1e-2)
+    ref = Ref(groups, lr=lr, base="adamw", meta=meta, granularity=granularity, meta_lr=1e-2)
     first, idle, late = params
     for t, grads_t in enumerate(make_grads(steps=12, drift=1.0)):
         grads_t = list(grads_t)
@@ -373,7 +377,7 @@ def test_late_param_copies_block_state_and_idle_members_follow(meta, granularity
 
 def test_late_param_starts_from_zero_at_tensor_granularity():
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, granularity="tensor", meta_lr=1e-2)
+    ref = Ref(params, lr=1e-2, granularity="tensor", meta_lr=1e-2)
     grads = make_grads(drift=1.0)
     for t, grads_t in enumerate(grads[:10]):
         apply(ref, params, [None if (t < 5 and i == 2) else g for i, g in enumerate(grads_t)])
@@ -385,7 +389,7 @@ def test_late_param_starts_from_zero_at_tensor_granularity():
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_nonfinite_step_is_skipped_entirely(bad):
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, meta="adam", granularity="element", meta_lr=1e-2)
+    ref = Ref(params, lr=1e-2, meta="adam", granularity="element", meta_lr=1e-2)
     grads = make_grads(steps=6)
     for grads_t in grads[:5]:
         apply(ref, params, grads_t)
@@ -405,7 +409,7 @@ def test_nonfinite_step_is_skipped_entirely(bad):
 
 def test_nonfinite_step_applied_when_skip_disabled():
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, skip_nonfinite=False)
+    ref = Ref(params, lr=1e-2, skip_nonfinite=False)
     grads = make_grads(steps=2)
     apply(ref, params, grads[0])
     grads[1][0][0, 0] = math.inf
@@ -418,7 +422,7 @@ def test_closure_is_called_and_its_loss_returned():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2).double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-    ref = MetaOptimizeReference(model.parameters(), lr=1e-2)
+    ref = Ref(model.parameters(), lr=1e-2)
     calls = []
 
     def closure():
@@ -440,9 +444,9 @@ def test_closure_is_called_and_its_loss_returned():
 @pytest.mark.parametrize("base", BASES)
 def test_state_keys_and_shapes_follow_design(base, meta, granularity):
     params = make_params()
-    ref = MetaOptimizeReference(params, lr=1e-2, base=base, meta=meta, granularity=granularity)
+    ref = Ref(params, lr=1e-2, base=base, meta=meta, granularity=granularity)
     apply(ref, params, make_grads(steps=1)[0])
-    expected = {"step", "trace", "log_step", "meta_exp_avg", "nonfinite_steps"}
+    expected = {"step", "trace", "log_step", "meta_exp_avg", "block_step", "nonfinite_steps"}
     expected |= {"exp_avg"} if base in ("adamw", "lion", "sgd") else set()
     expected |= {"exp_avg_sq"} if base in ("adamw", "rmsprop") else set()
     expected |= {"meta_exp_avg_sq", "meta_step"} if meta == "adam" else set()
@@ -451,7 +455,7 @@ def test_state_keys_and_shapes_follow_design(base, meta, granularity):
         state = ref.state[p]
         assert set(state) == expected
         log_step_shape = p.shape if granularity == "element" else torch.Size([])
-        for key in ("step", "nonfinite_steps", "meta_step"):
+        for key in ("step", "nonfinite_steps", "meta_step", "block_step"):
             if key in state:
                 assert state[key].shape == torch.Size([]) and state[key].dtype == torch.float32
         for key in ("exp_avg", "exp_avg_sq", "trace"):
@@ -471,8 +475,8 @@ def test_float32_params_stay_float32_and_track_float64_run():
     params64 = make_params()
     params32 = [torch.nn.Parameter(p.detach().float()) for p in params64]
     kwargs = dict(lr=1e-2, base="adamw", granularity="tensor", meta_lr=1e-2, weight_decay=0.1)
-    ref64 = MetaOptimizeReference(params64, **kwargs)
-    ref32 = MetaOptimizeReference(params32, **kwargs)
+    ref64 = Ref(params64, **kwargs)
+    ref32 = Ref(params32, **kwargs)
     for grads_t in make_grads(drift=0.5):
         apply(ref64, params64, grads_t)
         apply(ref32, params32, [g.float() for g in grads_t])
@@ -497,12 +501,111 @@ def test_float32_params_stay_float32_and_track_float64_run():
 )
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
-        MetaOptimizeReference(make_params(), **kwargs)
+        Ref(make_params(), **kwargs)
 
 
 def test_groups_sharing_a_block_must_agree_on_meta_settings():
     params = make_params()
     with pytest.raises(ValueError):
-        MetaOptimizeReference([{"params": params[:1], "meta_lr": 1e-2}, {"params": params[1:]}], granularity="scalar")
+        Ref([{"params": params[:1], "meta_lr": 1e-2}, {"params": params[1:]}], granularity="scalar")
     # separate blocks may differ
-    MetaOptimizeReference([{"params": params[:1], "meta_lr": 1e-2}, {"params": params[1:]}], granularity="block")
+    Ref([{"params": params[:1], "meta_lr": 1e-2}, {"params": params[1:]}], granularity="block")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the shipped rule: asymmetric meta step, initial multiplier, cooldown (docs/design.md "The shipped rule")
+# ----------------------------------------------------------------------------------------------------
+def test_cooldown_factor_by_hand():
+    """meta_lr = 0, SGD without momentum: w_t = w_{t-1} - lr * m0 * s(t) g_t with s = 1 up to T - n_c, then
+    (T - t) / n_c, and 0 from t = T on (T = 10, cooldown 0.3: n_c = 3)."""
+    params = make_params(shapes=[(4,)])
+    lr, m0 = 0.1, 0.5
+    ref = MetaOptimizeReference(
+        params, lr=lr, base="sgd", betas=0.0, meta_lr=0.0, init_multiplier=m0, total_steps=10, cooldown=0.3
+    )
+    expected_s = [1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0, 0, 0]
+    for t, grads_t in enumerate(make_grads(steps=len(expected_s), shapes=[(4,)]), start=1):
+        size = ref.step_sizes()[0][0]
+        torch.testing.assert_close(size, torch.tensor(lr * m0 * expected_s[t - 1], dtype=torch.float32))
+        before = params[0].detach().clone()
+        apply(ref, params, grads_t)
+        torch.testing.assert_close(params[0].detach(), before - lr * m0 * expected_s[t - 1] * grads_t[0])
+        assert int(ref.state[params[0]]["block_step"]) == t
+
+
+@pytest.mark.parametrize("meta", ["lion", "adam"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_meta_state_frozen_during_cooldown(meta, granularity):
+    """The meta step runs up to t = T - n_c and is frozen after it: log_step and the meta moments stay as they
+    were after step T - n_c (T = 20, cooldown 0.25: frozen from step 16 on)."""
+    params = make_params()
+    ref = MetaOptimizeReference(
+        params, lr=1e-2, meta=meta, granularity=granularity, meta_lr=3e-2, total_steps=20, cooldown=0.25
+    )
+    grads = make_grads(steps=24, drift=1.0)
+    keys = ("log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step")
+    snap = None
+    for t, grads_t in enumerate(grads, start=1):
+        apply(ref, params, grads_t)
+        if t == 14:
+            before = [ref.state[p]["log_step"].clone() for p in params]
+        if t == 15:
+            assert any(not torch.equal(b, ref.state[p]["log_step"]) for b, p in zip(before, params))  # still learning
+            snap = [{k: ref.state[p][k].clone() for k in keys if k in ref.state[p]} for p in params]
+        if t > 15:
+            for p, saved in zip(params, snap):
+                for k, v in saved.items():
+                    assert torch.equal(ref.state[p][k], v), (t, k)
+
+
+@pytest.mark.parametrize("granularity", ["scalar", "tensor", "element"])
+def test_asymmetric_lion_meta_falls_faster_than_it_grows(granularity):
+    """Lion meta with meta_asymmetry = a: every change of log_step is +eta, -a * eta or 0 (a sign(0) step),
+    and both signs occur (gradients whose mean flips sign)."""
+    params = make_params()
+    eta, a = 1e-2, 2.5
+    ref = MetaOptimizeReference(params, lr=1e-2, granularity=granularity, meta_lr=eta, meta_asymmetry=a)
+    grads = make_grads(steps=STEPS, drift=1.0)
+    grads = grads[:20] + [[-g for g in step] for step in grads[20:]]
+    seen_up = seen_down = False
+    prev = None
+    for grads_t in grads:
+        apply(ref, params, grads_t)
+        now = [ref.state[p]["log_step"].clone() for p in params]
+        if prev is not None:
+            for n, o in zip(now, prev):
+                d = n - o
+                ok = (
+                    torch.isclose(d, torch.tensor(eta, dtype=d.dtype), atol=1e-12)
+                    | torch.isclose(d, torch.tensor(-a * eta, dtype=d.dtype), atol=1e-12)
+                    | (d == 0)
+                )
+                assert bool(ok.all())
+                seen_up |= bool((d > 0).any())
+                seen_down |= bool((d < 0).any())
+        prev = now
+    assert seen_up and seen_down
+
+
+def test_init_multiplier_is_the_first_step_size():
+    params = make_params()
+    ref = MetaOptimizeReference(params, lr=1e-2, init_multiplier=0.1, granularity="element")
+    for p, size in zip(params, ref.step_sizes()[0]):
+        torch.testing.assert_close(size, torch.full(p.shape, 1e-3, dtype=torch.float32))
+    apply(ref, params, make_grads(steps=1)[0])
+    for p in params:
+        assert ref.state[p]["log_step"].shape == p.shape
+        assert torch.allclose(ref.state[p]["log_step"], torch.tensor(math.log(0.1), dtype=torch.float64), atol=0.02)
+
+
+@pytest.mark.parametrize(("total", "cooldown", "n_c"), [(10, 0.3, 3), (3, 0.2, 0), (100, 0.0, 0), (5, 1.0, 5)])
+def test_cooldown_length_is_the_floor(total, cooldown, n_c):
+    """n_c = floor(cooldown * T); n_c = 0 means no cooldown (s = 1 everywhere, also at and past T)."""
+    group = dict(spec.DEFAULTS, total_steps=total, cooldown=cooldown)
+    assert spec.cooldown_steps(group) == n_c
+    params = make_params(shapes=[(2,)])
+    ref = MetaOptimizeReference(params, lr=0.1, meta_lr=0.0, total_steps=total, cooldown=cooldown)
+    for grads_t in make_grads(steps=total + 2, shapes=[(2,)]):
+        apply(ref, params, grads_t)
+    s_next = float(ref.step_sizes()[0][0]) / (0.1 * ref.defaults["init_multiplier"])
+    assert s_next == pytest.approx(1.0 if n_c == 0 else 0.0)

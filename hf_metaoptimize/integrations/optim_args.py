@@ -3,7 +3,8 @@
 Pure Python: nothing here imports transformers, so `TrainingArguments.__post_init__` can validate a run's
 settings while the arguments are parsed, long before the model is loaded or the first step is taken.
 
-Sources, later ones win: the optimizer name (`metaoptimize` -> AdamW base, `metaoptimize_lion` -> Lion base),
+Sources, later ones win: the optimizer name (`metaoptimize` -> AdamW base, `metaoptimize_lion` -> Lion base,
+`metaoptimize_paper` -> AdamW base at the paper-exact setting `hf_metaoptimize.PAPER_EXACT`),
 the typed `--metaoptimize_*` fields of `MetaOptimizeTrainingArguments`, then `--optim_args`. A key given both
 in `--optim_args` and as a typed field set to a non-default value is an error (two answers for one question).
 """
@@ -19,7 +20,9 @@ from typing import Any
 from .. import spec as _spec
 
 # --optim name -> the base rule it selects (the paper's default pair is AdamW base + Lion meta).
-OPTIM_NAMES: dict[str, str] = {"metaoptimize": "adamw", "metaoptimize_lion": "lion"}
+OPTIM_NAMES: dict[str, str] = {"metaoptimize": "adamw", "metaoptimize_lion": "lion", "metaoptimize_paper": "adamw"}
+# --optim name -> the settings it implies on top of the defaults (typed flags and --optim_args still win).
+OPTIM_PRESETS: dict[str, dict[str, Any]] = {"metaoptimize_paper": dict(_spec.PAPER_EXACT)}
 
 # The rules, their coefficients and defaults come from the one spec (hf_metaoptimize.spec). "layer" is the
 # Trainer-level name of block granularity with one block per transformer layer (hf_metaoptimize.layers); "block"
@@ -48,6 +51,13 @@ def _as_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError("expected a finite number")
     return value
+
+
+def _as_int(text: str) -> int:
+    value = float(text)
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError("expected a whole number")
+    return int(value)
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
@@ -83,6 +93,8 @@ class OptimArg:
             return "float"
         if self.cast is _as_bool:
             return "bool"
+        if self.cast is _as_int:
+            return "int"
         return getattr(self.cast, "__name__", "str")
 
 
@@ -101,6 +113,38 @@ OPTIM_ARGS: dict[str, OptimArg] = {
         ),
         OptimArg(
             "meta_lr", _as_float, "meta step size eta on the log step sizes", _D["meta_lr"], lambda v: v >= 0, ">= 0"
+        ),
+        OptimArg(
+            "meta_asymmetry",
+            _as_float,
+            "the step size falls this many times faster than it grows (1: the paper's symmetric rule)",
+            _D["meta_asymmetry"],
+            lambda v: v > 0,
+            "> 0",
+        ),
+        OptimArg(
+            "init_multiplier",
+            _as_float,
+            "the learned multiplier of the learning rate at the first step (1: the paper)",
+            _D["init_multiplier"],
+            lambda v: v > 0,
+            "> 0",
+        ),
+        OptimArg(
+            "cooldown",
+            _as_float,
+            "final fraction of the run over which the step size falls linearly to 0, meta step frozen (0: none)",
+            _D["cooldown"],
+            _in(0, 1),
+            "in [0, 1]",
+        ),
+        OptimArg(
+            "total_steps",
+            _as_int,
+            "the run's length in optimizer steps, where the cooldown ends (default: the Trainer's max_steps)",
+            None,
+            lambda v: v >= 1,
+            ">= 1",
         ),
         OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", _D["gamma"], _in(0, 1), "in [0, 1]"),
         OptimArg(
@@ -215,6 +259,8 @@ def parse_value(key: str, value: Any, optim: str = "metaoptimize", flag: str | N
             cast_value: Any = value
         elif arg.cast is _as_float and isinstance(value, (int, float)) and not isinstance(value, bool):
             cast_value = _as_float(str(float(value)))  # a typed field's number: the same finiteness check
+        elif arg.cast is _as_int and isinstance(value, int) and not isinstance(value, bool):
+            cast_value = value
         else:
             cast_value = arg.cast(str(value))
     except ValueError as err:
@@ -248,6 +294,7 @@ def resolve_spec(args: Any) -> dict[str, Any]:
     optim = optim_name(getattr(args, "optim", "metaoptimize"))
     spec: dict[str, Any] = {k: a.default for k, a in OPTIM_ARGS.items()}
     spec["base"] = OPTIM_NAMES[optim]
+    spec.update(OPTIM_PRESETS.get(optim, {}))
     from_fields: dict[str, Any] = {}
     for field_name, key in TYPED_FIELDS.items():
         if not hasattr(args, field_name):
@@ -256,9 +303,9 @@ def resolve_spec(args: Any) -> dict[str, Any]:
         if value is None:
             continue
         value = parse_value(key, value, optim, flag=f"--{field_name}")  # same checks as --optim_args
-        if value != OPTIM_ARGS[key].default:
+        if value != OPTIM_ARGS[key].default:  # a typed flag at its default leaves the preset's value
             from_fields[key] = value
-        spec[key] = value
+            spec[key] = value
     given = parse_optim_args(getattr(args, "optim_args", None), optim)
     for key in given.keys() & from_fields.keys():
         if given[key] != from_fields[key]:
@@ -301,6 +348,9 @@ def optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> dict[s
         "meta": spec["meta"],
         "granularity": "block" if spec["granularity"] == "layer" else spec["granularity"],
         "meta_lr": spec["meta_lr"],
+        "meta_asymmetry": spec["meta_asymmetry"],
+        "init_multiplier": spec["init_multiplier"],
+        "cooldown": spec["cooldown"],
         "gamma": spec["gamma"],
         "betas": base_betas(base, args.adam_beta1, args.adam_beta2),
         "weight_decay": float(args.weight_decay),
@@ -317,6 +367,8 @@ def optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> dict[s
         )
     if spec["meta_eps"] is not None:
         kwargs["meta_eps"] = spec["meta_eps"]
+    if spec["total_steps"] is not None:
+        kwargs["total_steps"] = spec["total_steps"]  # else the Trainer sets the run's length at create_scheduler
     if spec["foreach"] is not None:
         kwargs["foreach"] = spec["foreach"]
     if spec["fused"]:

@@ -4,17 +4,22 @@
   training logging step BEFORE the Trainer stores it, so they reach trainer_state.json, the console and every
   reporter;
 - `Trainer.create_scheduler` applies the schedule part of the defaults rule to a MetaOptimize optimizer that did
-  not come from `--optim` (`optimizer_cls_and_kwargs=(MetaOptimize, ...)`), and attaches MetaOptimize to its
-  DeepSpeed ZeRO partitions right after `accelerator.prepare` built the engine.
+  not come from `--optim` (`optimizer_cls_and_kwargs=(MetaOptimize, ...)`), tells MetaOptimize the run's length
+  (`total_steps`, where its cooldown ends) when the schedule is constant and the user did not give one, and
+  attaches MetaOptimize to its DeepSpeed ZeRO partitions right after `accelerator.prepare` built the engine.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
+from ..spec import cooldown_steps
 from .patch_training_args import _constant_schedule
 from .versions import WRAPPED
+
+logger = logging.getLogger("hf_metaoptimize")
 
 
 def find_metaoptimize(optimizer: Any) -> Any:
@@ -56,7 +61,9 @@ def _patch_trainer(module: Any) -> None:
         @functools.wraps(create_scheduler)
         def wrapped_create_scheduler(self, num_training_steps, optimizer=None):
             if getattr(self, "lr_scheduler", None) is None:
-                _maybe_constant_schedule(self.args, optimizer if optimizer is not None else self.optimizer)
+                target = optimizer if optimizer is not None else self.optimizer
+                _maybe_constant_schedule(self.args, target)
+                set_run_length(self.args, target, num_training_steps)
             if getattr(self, "is_deepspeed_enabled", False):
                 # The Trainer calls create_scheduler right after accelerator.prepare() built the DeepSpeed engine
                 # (and before it loads a checkpoint): tell MetaOptimize about its ZeRO partitions there.
@@ -73,6 +80,34 @@ def _attach_deepspeed(optimizer: Any) -> None:
     from .deepspeed import attach
 
     attach(optimizer)
+
+
+def set_run_length(args: Any, optimizer: Any, num_training_steps: int) -> None:
+    """Give MetaOptimize the run's length (its cooldown ends there) unless the user gave one (`total_steps`) or
+    the schedule already anneals (then the scheduler's decay is the cooldown; both together is asked for by
+    passing total_steps)."""
+    opt = find_metaoptimize(optimizer)
+    if opt is None or not num_training_steps or num_training_steps < 1:
+        return
+    groups = opt._all_groups
+    if any(g["total_steps"] is not None for g in groups) or not any(g["cooldown"] for g in groups):
+        return
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if schedule not in ("constant", "constant_with_warmup"):
+        logger.info(
+            "MetaOptimize: lr_scheduler_type %r already decays the step size, so MetaOptimize's own cooldown is "
+            "off; pass --optim_args total_steps=N to have both.",
+            schedule,
+        )
+        return
+    for g in groups:
+        g["total_steps"] = int(num_training_steps)
+    logger.info(
+        "MetaOptimize: cooldown over the last %d of %d steps (cooldown=%g of the run)",
+        cooldown_steps(groups[0]),
+        num_training_steps,
+        groups[0]["cooldown"],
+    )
 
 
 def _maybe_constant_schedule(args: Any, optimizer: Any) -> None:

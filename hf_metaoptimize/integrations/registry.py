@@ -1,4 +1,4 @@
-"""`register()`: teach an installed transformers `--optim metaoptimize` and `--optim metaoptimize_lion`.
+"""`register()`: teach an installed transformers `--optim metaoptimize`, `metaoptimize_lion` and `metaoptimize_paper`.
 
 One patch per transformers module, each in its own module named for what it patches, each idempotent and applied
 as soon as its transformers module is loaded (eagerly by `register()`, or lazily by the import hook of
@@ -52,7 +52,7 @@ def apply_patch(module_name: str) -> None:
 
 
 def register() -> None:
-    """Make `--optim metaoptimize` / `metaoptimize_lion` work in transformers (idempotent; see module doc).
+    """Make `--optim metaoptimize` / `metaoptimize_lion` / `metaoptimize_paper` work in transformers (idempotent).
 
     Raises RuntimeError on a transformers version without the dispatch table this relies on.
     """

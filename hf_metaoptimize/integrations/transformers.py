@@ -66,8 +66,9 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
     optim: OptimizerNames | str = field(
         default="metaoptimize",
         metadata={
-            "help": "The optimizer. metaoptimize: AdamW base + Lion meta (the paper's pair); metaoptimize_lion: "
-            "Lion base. Any other TrainingArguments optimizer name works as usual."
+            "help": "The optimizer. metaoptimize: AdamW base + Lion meta (the paper's pair) at the shipped rule; "
+            "metaoptimize_lion: Lion base; metaoptimize_paper: the paper's Algorithm 3 exactly. Any other "
+            "TrainingArguments optimizer name works as usual."
         },
     )
     lr_scheduler_type: SchedulerType | str = field(
@@ -93,6 +94,14 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
         default=_default("granularity"), metadata={"help": _help("granularity")}
     )
     metaoptimize_meta_lr: float = field(default=_default("meta_lr"), metadata={"help": _help("meta_lr")})
+    metaoptimize_meta_asymmetry: float = field(
+        default=_default("meta_asymmetry"), metadata={"help": _help("meta_asymmetry")}
+    )
+    metaoptimize_init_multiplier: float = field(
+        default=_default("init_multiplier"), metadata={"help": _help("init_multiplier")}
+    )
+    metaoptimize_cooldown: float = field(default=_default("cooldown"), metadata={"help": _help("cooldown")})
+    metaoptimize_total_steps: int | None = field(default=None, metadata={"help": _help("total_steps")})
     metaoptimize_gamma: float = field(default=_default("gamma"), metadata={"help": _help("gamma")})
     metaoptimize_meta_beta1: float | None = field(default=None, metadata={"help": _help("meta_beta1")})
     metaoptimize_meta_beta2: float | None = field(default=None, metadata={"help": _help("meta_beta2")})
