@@ -3,16 +3,16 @@
 
 Runs the stock Trainer script examples/run_clm.py (it never imports hf_metaoptimize) as
 
-    python -m hf_metaoptimize.launch examples/run_clm.py --optim metaoptimize --optim_args granularity=layer,... ARGS
+    python -m hf_metaoptimize.launch examples/run_clm.py --optim metaoptimize ARGS
 
 so the Trainer's own progress bar and log lines (with the learned step sizes) stream to the console; then prints
 the learned step sizes per block and writes OUTPUT_DIR/step_sizes.png with `hf-metaoptimize plot`.
 
     python examples/demo.py [--output_dir runs/demo] [--quick] [-- EXTRA run_clm.py ARGS]
 
-Settings: alpha0 = --learning_rate 1e-4 (the paper starts one to two orders of magnitude below a good fixed
-learning rate; the meta rule raises it), one step size per transformer layer + embeddings + head, meta_lr 1e-2
-(the paper's 1e-3 moves a step size by at most e^0.3 in 300 steps: too slow to see in a short demo).
+Settings: the shipped defaults and nothing else: no --learning_rate (the Trainer's 5e-5, which MetaOptimize
+starts at a tenth of and then learns), no --optim_args, the Trainer's default schedule (for MetaOptimize: constant,
+with MetaOptimize's own cooldown over the last 20% of the steps).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 FULL = [
     "--max_steps",
-    "300",
+    "600",
     "--per_device_train_batch_size",
     "16",
     "--block_size",
@@ -43,7 +43,7 @@ FULL = [
     "--eval_strategy",
     "steps",
     "--eval_steps",
-    "100",
+    "200",
     "--max_eval_samples",
     "128",
 ]
@@ -88,10 +88,6 @@ def main() -> int:
         "--do_eval",
         "--optim",
         "metaoptimize",
-        "--optim_args",
-        "granularity=layer,meta_lr=1e-2",
-        "--learning_rate",
-        "1e-4",
         "--save_strategy",
         "no",
         "--report_to",

@@ -378,19 +378,23 @@ class MetaOptimize(Optimizer):
         reports its block's current value (or ``lr * init_multiplier``). Under DeepSpeed ZeRO the entries are the
         rank's flat partitions of each group. No host synchronisation.
         """
-        return self._step_sizes(relative=False)
+        return self._step_sizes(relative=False, last=False)
 
     @torch.no_grad()
-    def step_size_multipliers(self) -> list[list[Tensor]]:
+    def step_size_multipliers(self, cooldown: bool = False) -> list[list[Tensor]]:
         """The learned part alone, ``exp(log_step)`` (``init_multiplier`` at the start, without the cooldown factor),
         laid out like :meth:`step_sizes`.
 
         Unlike ``step_sizes()`` it does not scale with ``lr``, so it still shows what was learned where a
-        scheduler has driven ``lr`` to 0. No host synchronisation.
+        scheduler has driven ``lr`` to 0. With ``cooldown=True`` each entry is multiplied by the cooldown factor
+        of the step its block took LAST (what the Trainer logs beside that step's learning rate). No host
+        synchronisation.
         """
-        return self._step_sizes(relative=True)
+        return self._step_sizes(relative=True, last=cooldown)
 
-    def _step_sizes(self, relative: bool) -> list[list[Tensor]]:
+    def _step_sizes(self, relative: bool, last: bool) -> list[list[Tensor]]:
+        """lr (or 1) * exp(log_step) [* s]: s of the next step (``step_sizes``), of the last step (``last``), or
+        none (``relative`` alone)."""
         donors = self._block_donors()
         out: list[list[Tensor]] = []
         for gi, group, params in self._group_params():
@@ -406,9 +410,9 @@ class MetaOptimize(Optimizer):
                     t = torch.ones((), dtype=torch.float64, device=p.device)
                 else:
                     ls = st["log_step"].to(device=p.device)
-                    t = st["block_step"].to(device=p.device, dtype=torch.float64) + 1
+                    t = st["block_step"].to(device=p.device, dtype=torch.float64) + (0 if last else 1)
                 size = torch.exp(ls) * lr
-                cool = None if relative else _cooldown_scale(group, t)
+                cool = _cooldown_scale(group, t) if (last or not relative) else None
                 if cool is not None:  # the step size of the NEXT step includes its cooldown factor
                     size = size * cool.to(size.dtype)
                 row.append(size.to(torch.float32))

@@ -1,9 +1,10 @@
 """The learned step sizes as log entries (called by the patched `Trainer.log` at logging steps only).
 
-Values are effective step sizes `lr * exp(log_step)`: `log_step` is the learned log-multiplier (after the
-meta update of the logged step) and `lr` the learning rate the Trainer logs beside it as `learning_rate` (the
-scheduler's value for the step just taken; transformers reads it before stepping the scheduler). So
-`step_size / learning_rate = exp(log_step)` holds exactly in every log line, with or without a schedule. Outside
+Values are effective step sizes `lr * exp(log_step) * s`: `log_step` is the learned log-multiplier (after the
+meta update of the logged step), `s` the cooldown factor of the step just taken (1 outside the cooldown) and `lr`
+the learning rate the Trainer logs beside it as `learning_rate` (the scheduler's value for the step just taken;
+transformers reads it before stepping the scheduler). So `step_size / learning_rate = exp(log_step) * s` holds
+exactly in every log line, with or without a schedule. Outside
 the Trainer's logs (`learning_rate=None`) the current `lr` of each param group is used, as `step_sizes()` does.
 
 Keys:
@@ -49,9 +50,9 @@ def _param_names(trainer: Any, optimizer: Any) -> dict[int, str]:
 
 
 def _multipliers(optimizer: Any) -> list[list[torch.Tensor]]:
-    """exp(log_step) per group, per param, on the device, no host sync (`MetaOptimize.step_size_multipliers`):
-    the learned multipliers, also where the scheduler's lr is 0 (the end of a linear schedule)."""
-    return [[t.detach().float() for t in row] for row in optimizer.step_size_multipliers()]
+    """exp(log_step) * s per group, per param, on the device, no host sync (`MetaOptimize.step_size_multipliers`):
+    the learned multipliers times the last step's cooldown factor, also where the scheduler's lr is 0."""
+    return [[t.detach().float() for t in row] for row in optimizer.step_size_multipliers(cooldown=True)]
 
 
 def _group_lrs(optimizer: Any, learning_rate: float | None) -> list[float]:
