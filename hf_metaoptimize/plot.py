@@ -68,22 +68,26 @@ def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], lis
 
 
 def summarize(source: str | os.PathLike | Iterable[Mapping[str, Any]]) -> str:
-    """A small table of the last logged step sizes (per block) and their start values."""
+    """A small table of the logged step sizes per block: the first, the peak (and its step), the last."""
     history = load_log_history(source)
     series = step_size_series(history)
     if not series:
         return "no step sizes in the log history (was the run trained with --optim metaoptimize?)"
     lr_steps, lr_values = _series(history, "learning_rate")
     keys = [k for k in series if k not in SUMMARY_KEYS] + [k for k in SUMMARY_KEYS if k in series]
-    rows = [(key, series[key][1][0], series[key][1][-1], series[key][0][-1]) for key in keys]
     lr_label = "learning_rate (alpha0 x schedule)"
-    width = max([len(r[0]) for r in rows] + [len(lr_label)])
-    lines = [f"{'learned step size':<{width}}  {'first log':>10}  {'last log':>10}  {'ratio':>7}  at step"]
-    for key, first, last, step in rows:
-        ratio = last / first if first else math.nan
-        lines.append(f"{key:<{width}}  {first:10.3e}  {last:10.3e}  {ratio:7.3f}  {step}")
+    width = max([len(k) for k in keys] + [len(lr_label)])
+    head = f"{'learned step size':<{width}}  {'first log':>10}  {'peak':>10}  {'peak/first':>10}  {'at step':>7}"
+    lines = [head + f"  {'last log':>10}  (step {series[keys[0]][0][-1]})"]
+    for key in keys:
+        steps, values = series[key]
+        peak = max(range(len(values)), key=lambda i: values[i])
+        ratio = values[peak] / values[0] if values[0] else math.nan
+        row = f"{key:<{width}}  {values[0]:10.3e}  {values[peak]:10.3e}  {ratio:10.3f}  {steps[peak]:>7}"
+        lines.append(row + f"  {values[-1]:10.3e}")
     if lr_values:
-        lines.append(f"{lr_label:<{width}}  {lr_values[0]:10.3e}  {lr_values[-1]:10.3e}")
+        row = f"{lr_label:<{width}}  {lr_values[0]:10.3e}  {max(lr_values):10.3e}  {'':>10}  {'':>7}"
+        lines.append(row + f"  {lr_values[-1]:10.3e}")
     return "\n".join(lines)
 
 
@@ -137,7 +141,7 @@ def plot_step_sizes(
     if series or lr_values:
         ax_step.set_yscale("log")
     ax_step.set_xlabel("step")
-    ax_step.set_ylabel("step size  lr * exp(log_step)")
+    ax_step.set_ylabel("step size  lr * exp(log_step) * cooldown")
     ax_step.set_title("learned step sizes" + ("" if series else " (none logged)"))
     ax_step.grid(True, which="both", alpha=0.3)
     if ax_step.get_legend_handles_labels()[0]:

@@ -99,7 +99,7 @@ def test_optimizer_cls_and_kwargs_route_gets_a_constant_schedule(tmp_path):
 
 def test_a_named_schedule_multiplies_the_learned_step_size(tmp_path):
     trainer = _tiny.make_trainer(
-        tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="polynomial", optim_args="meta_lr=0"
+        tmp_path, max_steps=4, logging_steps=1, lr_scheduler_type="polynomial", optim_args="meta_lr=0,init_multiplier=1"
     )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -209,7 +209,7 @@ def test_lora_through_the_trainer(tmp_path):
         model=model,
         max_steps=6,
         logging_steps=3,
-        optim_args="granularity=layer,meta_lr=0.05",
+        optim_args="granularity=layer,meta_lr=0.05,init_multiplier=1",
         learning_rate=1e-2,
     )
     trainer.train()
@@ -225,3 +225,40 @@ def test_lora_through_the_trainer(tmp_path):
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert {"step_size/transformer.h.0", "step_size/transformer.h.1"} <= set(logs[-1])
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+# ---------------------------------------------------------------- the cooldown knows the run's length
+def test_the_trainer_gives_metaoptimize_the_run_length_and_the_cooldown_ends_it(tmp_path):
+    """Constant schedule (the MetaOptimize default): total_steps = max_steps, the last 20% fall linearly to 0
+    (10 steps, cooldown 0.2: steps 9 and 10 at s = 1/2 and 0), with the meta step frozen."""
+    trainer = _tiny.make_trainer(tmp_path, max_steps=10, logging_steps=1, optim_args="meta_lr=0,init_multiplier=1")
+    trainer.train()
+    opt = inner(trainer.optimizer)
+    assert all(g["total_steps"] == 10 for g in opt.param_groups)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    lr = 1e-3
+    assert [e["step_size"] / lr for e in logs] == pytest.approx([1] * 8 + [0.5, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "optim_args", "expected"),
+    [
+        ("cosine", "", None),  # the scheduler already decays: MetaOptimize's own cooldown stays off
+        ("constant", "total_steps=40", 40),  # the user's value wins
+        ("constant", "cooldown=0", None),  # no cooldown asked: nothing to set
+    ],
+)
+def test_run_length_is_only_set_where_it_is_the_cooldown(tmp_path, schedule, optim_args, expected):
+    trainer = _tiny.make_trainer(tmp_path, max_steps=2, lr_scheduler_type=schedule, optim_args=optim_args or None)
+    trainer.train()
+    assert all(g["total_steps"] == expected for g in inner(trainer.optimizer).param_groups)
+
+
+def test_metaoptimize_paper_is_the_paper_setting(tmp_path):
+    from hf_metaoptimize import PAPER_EXACT
+
+    trainer = _tiny.make_trainer(tmp_path, max_steps=2, optim="metaoptimize_paper")
+    trainer.train()
+    group = inner(trainer.optimizer).param_groups[0]
+    assert {k: group[k] for k in PAPER_EXACT} == PAPER_EXACT
+    assert group["total_steps"] is None  # cooldown 0: no run length needed
