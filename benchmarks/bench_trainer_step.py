@@ -1,12 +1,13 @@
-"""Trainer step time: `--optim metaoptimize` (scalar, layer, tensor) vs `--optim adamw_torch` on the Shakespeare
-model (the GPT-2 of `benchmarks.task_lm`, same batch and context).
+"""Trainer step time: `--optim metaoptimize` (scalar, layer, tensor) vs `--optim adamw_torch_fused` (the Trainer's
+default optimizer on torch >= 2.8, the anchor) and `--optim adamw_torch` on the Shakespeare model (the GPT-2 of
+`benchmarks.task_lm`, same batch and context).
 
 A/B interleaved: every round trains each contender for `--steps` steps in a fresh Trainer (same initial
 weights, same batches), so drift on a shared machine hits all of them alike. A callback times each optimizer
 step from `on_step_begin` to `on_step_end` (data, forward, backward, clipping, optimizer step, scheduler);
 the first `--skip` steps of every chunk are dropped. The `optimizer.step()` call alone is timed too
 (`on_pre_optimizer_step` to `on_optimizer_step`). Medians over all kept steps; ratio = median / median of
-adamw_torch. Prints a table and writes JSON.
+adamw_torch_fused (`ratio_adamw_torch`: / adamw_torch). Prints a table and writes JSON.
 
     python -m benchmarks.bench_trainer_step [--rounds 4] [--steps 25] [--json benchmarks/results/trainer_step.json]
 """
@@ -24,7 +25,9 @@ import torch
 
 from . import common, data, task_lm
 
+ANCHOR = "adamw_torch_fused"
 CONTENDERS = {
+    "adamw_torch_fused": {"optim": "adamw_torch_fused"},
     "adamw_torch": {"optim": "adamw_torch"},
     "metaoptimize (scalar)": {"optim": "metaoptimize"},
     "metaoptimize (layer)": {"optim": "metaoptimize", "optim_args": "granularity=layer"},
@@ -119,7 +122,8 @@ def measure(
                 times[name].extend(kept)
                 opt_times[name].extend(timer.opt_dts[skip:])
                 round_medians[name].append(statistics.median(kept))
-    base = statistics.median(times["adamw_torch"])
+    base = statistics.median(times[ANCHOR])
+    plain = statistics.median(times["adamw_torch"]) if "adamw_torch" in times else None
     rows = []
     for name in contenders:
         med = statistics.median(times[name])
@@ -128,8 +132,9 @@ def measure(
                 "optimizer": name,
                 "median_ms": 1e3 * med,
                 "ratio": med / base,
+                "ratio_adamw_torch": None if plain is None else med / plain,
                 "optimizer_step_ms": 1e3 * statistics.median(opt_times[name]),
-                "round_ratios": [m / b for m, b in zip(round_medians[name], round_medians["adamw_torch"])],
+                "round_ratios": [m / b for m, b in zip(round_medians[name], round_medians[ANCHOR])],
                 "steps_timed": len(times[name]),
             }
         )
@@ -153,9 +158,13 @@ def print_table(result: dict) -> None:
         f"Trainer step on the Shakespeare GPT-2 ({result['parameters'] / 1e3:.0f}k weights), "
         f"{result['rounds']} interleaved rounds x {result['steps_per_chunk']} steps, 1 thread"
     )
-    print(f"{'optimizer':<24}{'median ms':>10}{'x adamw_torch':>15}{'optimizer.step ms':>19}")
+    print(f"{'optimizer':<24}{'median ms':>10}{'x fused AdamW':>15}{'x adamw_torch':>15}{'optimizer.step ms':>19}")
     for r in result["rows"]:
-        print(f"{r['optimizer']:<24}{r['median_ms']:>10.1f}{r['ratio']:>15.3f}{r['optimizer_step_ms']:>19.2f}")
+        plain = r["ratio_adamw_torch"]
+        print(
+            f"{r['optimizer']:<24}{r['median_ms']:>10.1f}{r['ratio']:>15.3f}{plain or float('nan'):>15.3f}"
+            f"{r['optimizer_step_ms']:>19.2f}"
+        )
 
 
 def main() -> None:

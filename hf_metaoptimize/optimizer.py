@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .distributed import any_dtensor as _any_dtensor
 from .distributed import local_tensor as _local
@@ -48,6 +48,8 @@ logger = logging.getLogger("hf_metaoptimize")
 
 #: :meth:`MetaOptimize.skipped_steps` warns again when this many consecutive steps were skipped as non-finite.
 STALL_STEPS = 100
+#: With ``fused=None, foreach=None`` (the default) models of at least this many weights use the compiled step.
+AUTO_FUSED_MIN_WEIGHTS = 1 << 21
 
 # Per-param state that must stay in float32 (or wider) whatever the param dtype. torch's
 # Optimizer.load_state_dict casts every floating state tensor except "step" to the param dtype; these keys
@@ -142,15 +144,18 @@ class MetaOptimize(Optimizer):
             copy of the gradients (``p.grad`` is never written); for AdamW that copy doubles as the step's
             workspace, so the cost is two elementwise passes over the gradients. ``False`` lets inf/NaN
             through into params and state.
-        foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path; ``False`` runs the
-            same math one tensor at a time. Default: ``True``.
-        fused (bool, default False): run the base step, the trace and (element granularity) the meta step as
-            ONE ``torch.compile``'d elementwise kernel per parameter tensor (``hf_metaoptimize/_fused.py``):
-            each weight's params, grad and state are read and written once instead of a dozen times. Needs a
-            working ``torch.compile`` (inductor: a C++ compiler on CPU, Triton on GPU); the first step
-            compiles (seconds per configuration and dtype), and each call pays a fixed dispatch cost per
-            parameter tensor, so it pays off for large tensors, not for tiny models or very many tensors. Same
-            equations; results agree with the foreach path to rounding, not bit for bit.
+        foreach (bool, optional): ``True``: the multi-tensor (``torch._foreach_*``) path; ``False``: the same
+            math one tensor at a time. Default None: chosen with ``fused`` (below).
+        fused (bool, optional): ``True``: the base step, the trace and (element granularity) the meta step as ONE
+            compiled elementwise kernel over 16 tensors per call (``hf_metaoptimize/_fused.py``, AOTInductor:
+            C++ on CPU, Triton on GPU): each weight's param, grad and state are read and written once instead of a
+            dozen times, and the dispatch cost is one call per 16 tensors. The first use of a configuration
+            compiles it (tens of seconds on a CPU), once per machine: packages are cached on disk
+            (``HF_METAOPTIMIZE_CACHE``, default ``~/.cache/hf_metaoptimize``), so resumed runs and other
+            processes load it. Same equations; results agree with the foreach path to rounding, not bit for bit.
+            Default None with ``foreach`` None: the compiled step for models of at least
+            ``AUTO_FUSED_MIN_WEIGHTS`` (2M) weights where it compiles (a failure is said once, as a warning, and
+            the foreach path is used), the foreach path for smaller ones.
 
     Memory: the base optimizer's state plus ONE float32 trace per weight; scalar / block / tensor
     granularity add a few scalars per parameter tensor, element granularity two (Lion meta: log step and
@@ -509,6 +514,8 @@ class MetaOptimize(Optimizer):
         if not active:
             return loss
         self._count_call()
+        if "_auto_fused" not in self.__dict__:
+            self._choose_fused(active)
         grads = {gi: self._grads(plist) for gi, _, plist in active}
         # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
         zvec, zelem = self._local_meta_grads(active, grads)
@@ -519,7 +526,7 @@ class MetaOptimize(Optimizer):
         ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
         for group, plist, glist in _merge_groups(active, grads):
-            _base_group_step(self.state, group, plist, glist, okf, sanitize=ok is not None)
+            _base_group_step(self.state, group, plist, glist, okf, ok is not None, self._fused_on(group))
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
             self._element_meta_steps(active, zelem, ok, okf)
@@ -530,6 +537,46 @@ class MetaOptimize(Optimizer):
             counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
             torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
         return loss
+
+    def _fused_on(self, group: dict[str, Any]) -> bool:
+        """Whether this group steps with the compiled kernel: ``fused=True``, or the automatic choice (both
+        ``fused`` and ``foreach`` left at None) made once at the first step (:meth:`_choose_fused`)."""
+        if group["fused"] is not None or group["foreach"] is not None:
+            return bool(group["fused"])
+        auto = self.__dict__.get("_auto_fused")
+        return bool(auto)
+
+    def _choose_fused(self, active: list[tuple[int, dict[str, Any], list[Tensor]]]) -> None:
+        """The automatic choice of the step's implementation, once: the compiled kernel (``fused``) for models of
+        at least :data:`AUTO_FUSED_MIN_WEIGHTS` weights where it compiles (or loads from its cache), else the
+        foreach path. A failure to compile is said once (a warning) and the foreach path is used; the math is the
+        same either way."""
+        groups = self._all_groups
+        if any(g["fused"] is not None or g["foreach"] is not None for g in groups):
+            self._auto_fused = False
+            return
+        weights = sum(p.numel() for g in groups for p in g["params"])
+        if weights < AUTO_FUSED_MIN_WEIGHTS:
+            self._auto_fused = False
+            return
+        from . import _fused
+
+        try:
+            for _, group, plist in active:
+                for p in plist:
+                    st = self.state[p]
+                    _fused.prepare(_fused_config(group, group["skip_nonfinite"]), p, p.grad, st)
+        except RuntimeError as e:
+            warnings.warn(
+                f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "
+                "(the same math, slower on large models). Pass foreach=True to choose it and silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._auto_fused = False
+            return
+        logger.info("MetaOptimize: %d weights: using the compiled (fused) step; foreach=True picks the other", weights)
+        self._auto_fused = True
 
     def _count_call(self) -> None:
         """Warn once when stepped past ``total_steps`` (the cooldown has brought the step size to 0). A host
@@ -600,7 +647,7 @@ class MetaOptimize(Optimizer):
         for gi, group, plist in active:
             traces = [_local(self.state[p]["trace"]) for p in plist]
             gl = [_local(g) for g in grads[gi]]
-            if element and not group.get("fused"):
+            if element and not self._fused_on(group):
                 ze = torch._foreach_mul(traces, gl)
                 zelem[gi] = ze
                 zparts.extend(z.sum() for z in ze)
@@ -675,7 +722,7 @@ class MetaOptimize(Optimizer):
     def _element_meta_steps(self, active, zelem, ok, okf) -> None:
         """Per-weight meta step (element granularity); z = h * g are our temporaries, zeroed on a skip."""
         for gi, group, plist in active:
-            if group.get("fused"):
+            if self._fused_on(group):
                 continue  # the fused kernel has done it, with the base step
             ze = zelem[gi]
             if ok is not None:
@@ -732,7 +779,7 @@ class MetaOptimize(Optimizer):
                     st["meta_grad"] = torch.zeros((), dtype=st["trace"].dtype, device=p.device)
                 st["meta_grad"].copy_(z)
         for group, plist, glist in _merge_groups(active, grads):
-            _base_group_step(self.state, group, plist, glist, okf, sanitize=ok is not None)
+            _base_group_step(self.state, group, plist, glist, okf, ok is not None, self._fused_on(group))
         if gran == "element":
             self._element_meta_steps(active, zelem, ok, okf)
         else:
@@ -841,6 +888,7 @@ def _base_group_step(
     grads: list[Tensor],
     okf: Tensor,
     sanitize: bool,
+    fused: bool,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
@@ -852,7 +900,7 @@ def _base_group_step(
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
-        if group.get("fused"):
+        if fused:
             _fused_bucket_step(
                 state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
             )
@@ -864,8 +912,8 @@ def _base_group_step(
             )
 
 
-# param -> its 6-vector of per-step kernel inputs (a workspace, not state: never saved)
-_FUSED_ROWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# (hyper-parameter row, device, dtype) -> that row on the device (built once: no host-to-device copy per step)
+_HYPER_ROWS: dict[tuple, Tensor] = {}
 
 
 def _fused_bucket_step(
@@ -877,10 +925,10 @@ def _fused_bucket_step(
     dtype: torch.dtype,
     sanitize: bool,
 ) -> None:
-    """`fused=True`: the per-step 0-d inputs of every tensor, built with a few vectorised ops, then one
-    compiled kernel per tensor (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for
-    element granularity, the meta step."""
-    from ._fused import fused_kernel, run_kernel
+    """`fused=True`: the per-step numbers of every tensor, built with a few vectorised ops, then the compiled
+    chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,
+    the meta step, CHUNK tensors per call."""
+    from ._fused import fused_step, hyper_row
 
     base, betas, lr = group["base"], group["betas"], group["lr"]
     element = group["granularity"] == "element"
@@ -914,21 +962,25 @@ def _fused_bucket_step(
         s64 = torch.stack(S).to(torch.float64).clamp(min=1)
         b1, b2 = group["meta_betas"]
         mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
+    hyper = hyper_row(group)
+    hkey = (hyper, t.device, wide)
+    hrow = _HYPER_ROWS.get(hkey)
+    if hrow is None:
+        if len(_HYPER_ROWS) > 256:
+            _HYPER_ROWS.clear()
+        hrow = _HYPER_ROWS[hkey] = torch.tensor(hyper, dtype=wide, device=t.device)
     cols = [ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide), gate]
-    scal = torch.stack(cols, dim=1)
-    # one persistent 7-vector per tensor (own allocation, storage offset 0: views into `scal` would make the
-    # compiled kernel specialise on their offsets)
-    rows = [_FUSED_ROWS.get(p) for p in params]
-    if any(r is None or r.dtype != wide or r.device != scal.device for r in rows):
-        rows = [torch.empty(len(cols), dtype=wide, device=scal.device) for _ in params]
-        _FUSED_ROWS.update(zip(params, rows))
-    torch._foreach_copy_(rows, list(scal.unbind(0)))
-    kernel = fused_kernel(group, sanitize, (dtype, grads[0].dtype, wide))
-    sharded = _any_dtensor(params)
-    for p, g, st, row in zip(params, grads, sts, rows):
-        if sharded:
-            p, g, st = _local(p), _local(g), {k: _local(v) for k, v in st.items()}
-        run_kernel(kernel, p, g, st, row, element)
+    rows = torch.cat([torch.stack(cols, dim=1), hrow.expand(n, -1)], dim=1)
+    if _any_dtensor(params):
+        params, grads = [_local(p) for p in params], [_local(g) for g in grads]
+        sts = [{k: _local(v) for k, v in st.items()} for st in sts]
+    fused_step(_fused_config(group, sanitize), params, grads, sts, rows)
+
+
+def _fused_config(group: dict[str, Any], sanitize: bool) -> dict[str, Any]:
+    """The static configuration of the compiled kernel (everything else is a number in its rows)."""
+    element = group["granularity"] == "element"
+    return dict(base=group["base"], meta=group["meta"] if element else "-", element=element, sanitize=sanitize)
 
 
 def _base_bucket_step(

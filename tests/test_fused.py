@@ -1,6 +1,8 @@
-"""fused=True (one torch.compile'd kernel per tensor) against the float64 reference and the foreach path.
+"""fused=True (the compiled chunk kernel, hf_metaoptimize/_fused.py) against the float64 reference and the foreach
+path, and the automatic choice of the step's implementation.
 
-Compiling costs seconds per kernel on this machine, so the table is chosen by kernel: every base at
+Compiling costs seconds per kernel on this machine (the suite compiles chunks of 2 tensors, tests/conftest.py;
+the packages are cached on disk), so the table is chosen by kernel: every base at
 scalar / block / tensor granularity (one kernel per base: the meta rule of those runs outside the kernel,
 in the foreach code the main table tests), every base x meta at element granularity (the meta step is in
 the kernel), and the variants that exercise the kernel's special paths (weight decay with gamma < 1,
@@ -190,3 +192,71 @@ def test_fused_errors_name_the_fix():
         MetaOptimize(p, fused="yes")
     with pytest.raises(ValueError, match="fused=True and foreach=False"):
         MetaOptimize(p, fused=True, foreach=False)
+
+
+def test_fused_tiny_and_many_tensors_match_foreach():
+    """Tensors of one element run uncompiled; an odd number of tensors pads the last chunk."""
+
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(s)) for s in [(), (1,), (3, 4), (5,), (2, 2, 2)]]
+
+    runs = []
+    for fused in (True, False):
+        ps = make()
+        opt = MetaOptimize(ps, lr=1e-2, granularity="tensor", weight_decay=0.1, total_steps=6, fused=fused)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(6):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((ps, opt))
+    (a, oa), (b, ob) = runs
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for k in oa.state[p]:
+            torch.testing.assert_close(oa.state[p][k], ob.state[q][k], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_production_chunk(monkeypatch):
+    from hf_metaoptimize import _fused
+
+    monkeypatch.setattr(_fused, "CHUNK", 16)
+    case = next(c for c in CORE_CASES if c.name == "adamw-lion-scalar")
+    pair = run_pair(case, steps=20, dtype=torch.float64, fast_cls=FUSED)
+    assert_params_close(pair, rtol=1e-9, atol=1e-12)
+    assert_state_close(pair, rtol=1e-9, atol=1e-12)
+
+
+def test_default_picks_the_compiled_step_for_large_models_and_says_why_not_otherwise(monkeypatch, caplog):
+    from hf_metaoptimize import _fused, optimizer
+
+    small = _model()
+    opt = MetaOptimize(small.parameters(), lr=1e-2)
+    _train(small, opt, 2)
+    assert opt._auto_fused is False  # below AUTO_FUSED_MIN_WEIGHTS: the foreach path, nothing compiled
+
+    monkeypatch.setattr(optimizer, "AUTO_FUSED_MIN_WEIGHTS", 10)
+    runs = []
+    for kw in ({}, {"foreach": True}):
+        model = _model()
+        o = MetaOptimize(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+        with caplog.at_level("INFO", logger="hf_metaoptimize"):
+            _train(model, o, 4)
+        runs.append((model, o))
+    assert runs[0][1]._auto_fused is True and runs[1][1]._auto_fused is False
+    assert any("using the compiled (fused) step" in r.getMessage() for r in caplog.records)
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_fused, "_runner", broken)
+    model = _model()
+    o = MetaOptimize(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with pytest.warns(RuntimeWarning, match="compiled step is not available.*no compiler here"):
+        _train(model, o, 4)
+    assert o._auto_fused is False
+    for p, q in zip(model.parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # exactly the foreach path

@@ -268,6 +268,8 @@ def test_optim_args_cast_and_kwargs_mapping():
     assert "fused" not in layer
     fused = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "fused=true"))
     assert fused["fused"] is True
+    off = optimizer_kwargs(parse(TrainingArguments, "--optim", "metaoptimize", "--optim_args", "fused=false"))
+    assert off["fused"] is False  # said, so kept (the default, unset, is the automatic choice)
 
 
 @pytest.mark.parametrize("optim_args", ["", "base=lion", "base=sgd", "base=rmsprop,meta=adam", "granularity=element"])

@@ -190,9 +190,9 @@ OPTIM_ARGS: dict[str, OptimArg] = {
         OptimArg(
             "fused",
             _as_bool,
-            "one torch.compile'd kernel per tensor: faster on large models, compiles "
-            "for seconds at the first step (default: false)",
-            False,
+            "the compiled step (one kernel per 16 tensors; compiles once per machine, cached): true / false; "
+            "default: auto (compiled for models of 2M+ weights where it compiles)",
+            None,
         ),
     )
 }
@@ -371,8 +371,8 @@ def optimizer_kwargs(args: Any, spec: Mapping[str, Any] | None = None) -> dict[s
         kwargs["total_steps"] = spec["total_steps"]  # else the Trainer sets the run's length at create_scheduler
     if spec["foreach"] is not None:
         kwargs["foreach"] = spec["foreach"]
-    if spec["fused"]:
-        kwargs["fused"] = True
+    if spec["fused"] is not None:
+        kwargs["fused"] = spec["fused"]
     return kwargs
 
 

@@ -111,7 +111,7 @@ class MetaOptimizeTrainingArguments(TrainingArguments):
     metaoptimize_skip_nonfinite: bool = field(
         default=_default("skip_nonfinite"), metadata={"help": _help("skip_nonfinite")}
     )
-    metaoptimize_fused: bool = field(default=_default("fused"), metadata={"help": _help("fused")})
+    metaoptimize_fused: bool | None = field(default=None, metadata={"help": _help("fused")})
     metaoptimize_plot: bool = field(
         default=True,
         metadata={"help": "MetaOptimizeTrainer writes OUTPUT_DIR/step_sizes.png at the end of training."},
