@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hf_metaoptimize import MetaOptimize
+from hf_metaoptimize import DEFAULTS, MetaOptimize
 from hf_metaoptimize.distributed import shutdown
 
 
@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--grad_accum", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4, help="alpha0: the initial step size")
-    parser.add_argument("--meta_lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="alpha0 (the run starts at a tenth of it)")
+    parser.add_argument("--meta_lr", type=float, default=DEFAULTS["meta_lr"])
     parser.add_argument("--granularity", default="tensor", choices=["scalar", "block", "tensor", "element"])
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--print_every", type=int, default=50)
@@ -66,6 +66,7 @@ def main() -> None:
         granularity=args.granularity,
         meta_lr=args.meta_lr,
         weight_decay=0.01,
+        total_steps=args.steps,  # the cooldown ends the run (optimizer steps, after gradient accumulation)
     )
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=not args.no_shuffle, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -63,6 +63,28 @@ def run_python(
     return run([sys.executable, *args], timeout=timeout, env=env, cwd=cwd)
 
 
+def torchrun(
+    nproc: int, target: list, timeout: int = 300, env: dict[str, str] | None = None, module: bool = False
+) -> subprocess.CompletedProcess:
+    """The one launch helper of the multi-process tests: ``torchrun --nproc_per_node N --master_port <free>``
+    then `target` (a script and its arguments, or ``-m MODULE ...`` with `module`), offline, one thread per
+    process, under `timeout` (killed, not abandoned)."""
+    cmd = [*TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    return run([*cmd, *(["-m"] if module else []), *target], timeout=timeout, env=env)
+
+
+def rank_reports(out: Path, proc: subprocess.CompletedProcess, ranks: int = 2) -> list[dict]:
+    """The JSON report of every rank of a worker run (tests/dist_worker.py, tests/ds_worker.py), asserting that all
+    ranks wrote one, none reported an error and the job exited cleanly."""
+    reports = sorted(out.glob("rank*.json"))
+    assert len(reports) == ranks, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = [json.loads(r.read_text()) for r in reports]
+    errors = [e for d in data for e in d["errors"]]
+    assert not errors, errors
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data
+
+
 def tiny_clm_step_size_logs(out: Path) -> list[dict]:
     """The loss entries of a TINY_CLM_TRAIN run's trainer_state.json; asserts that each carries step sizes."""
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]

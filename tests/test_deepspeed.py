@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _proc import TORCHRUN, free_port  # noqa: E402
+from _proc import ENV, rank_reports, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 CASES = [(1, "tensor", False)] + [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "element")]
@@ -22,30 +20,9 @@ CASES += [(2, "block", True)]  # fused=True on flat partitions
 @pytest.mark.parametrize("stage,granularity,fused", CASES)
 def test_zero_two_ranks_match_one_process_and_resume(stage, granularity, fused, tmp_path):
     pytest.importorskip("deepspeed")
-    cmd = [
-        "timeout",
-        "280",
-        *TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        "--stage",
-        str(stage),
-        "--granularity",
-        granularity,
-        "--out",
-        str(tmp_path),
-    ]
-    cmd += ["--fused"] if fused else []
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=320)
-    reports = sorted(tmp_path.glob("rank*.json"))
-    assert len(reports) == 2, out.stdout[-3000:] + out.stderr[-3000:]
-    errors = [e for r in reports for e in json.loads(r.read_text())["errors"]]
-    assert not errors, errors
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = [WORKER, "--stage", stage, "--granularity", granularity, "--out", tmp_path]
+    args += ["--fused"] if fused else []
+    rank_reports(tmp_path, torchrun(2, args, timeout=280, env={**ENV, "DS_ACCELERATOR": "cpu"}))
 
 
 def test_config_checks_name_the_fix():

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from _proc import ENV, TORCHRUN, free_port
-from _proc import run as run_cmd
+from _proc import ENV, torchrun
 from _proc import run_python as run
 
 
@@ -35,22 +34,7 @@ def test_accelerate_loop_two_processes_match_one(tmp_path):
     proc = run(["examples/accelerate_loop.py", *common, "--batch_size", "32", "--report", str(one)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    proc = run_cmd(
-        [
-            *TORCHRUN,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            free_port(),
-            "examples/accelerate_loop.py",
-            *common,
-            "--batch_size",
-            "16",
-            "--report",
-            two,
-        ],
-        env=env,
-    )
+    proc = torchrun(2, ["examples/accelerate_loop.py", *common, "--batch_size", "16", "--report", two], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["processes"], b["processes"]) == (1, 2)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from _proc import BIN, SCRIPTS, TINY_CLM_TRAIN, free_port, run, tiny_clm_step_size_logs
+from _proc import SCRIPTS, TINY_CLM_TRAIN, tiny_clm_step_size_logs, torchrun
 
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
     out = tmp_path / "out"
-    launch = [BIN / "torchrun", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "hf_metaoptimize.launch"]
-    proc = run([*launch, SCRIPTS / "tiny_clm.py", "--output_dir", out, *TINY_CLM_TRAIN], timeout=300)
+    target = ["hf_metaoptimize.launch", SCRIPTS / "tiny_clm.py", "--output_dir", out, *TINY_CLM_TRAIN]
+    proc = torchrun(2, target, timeout=300, module=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("optim=metaoptimize_lion lr_scheduler_type=constant") == 2  # both ranks parsed it
     logs = tiny_clm_step_size_logs(out)
