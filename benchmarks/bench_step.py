@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/step.json")
     ap.add_argument("--no-fused", action="store_true", help="skip the fused=True rows (they compile first)")
     ap.add_argument("--layouts", default="transformer,many", help="transformer, many, or both (default)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the params' dtype")
+    ap.add_argument("--only", default=None, help="comma-separated contenders (default: all); the anchor always runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,10 +113,14 @@ def measure(shapes: list[tuple[int, ...]], device: torch.device, args: argparse.
         "mo_element_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element", fused=True),
     }
     if args.no_fused:
-        contenders = {k: v for k, v in contenders.items() if "fused" not in k}
+        contenders = {k: v for k, v in contenders.items() if "fused" not in k or k == "adamw_fused"}
+    if args.only:
+        keep = {"adamw_fused", "adamw_foreach", *args.only.split(",")}
+        contenders = {k: v for k, v in contenders.items() if k in keep}
+    dtype = getattr(torch, args.dtype)
     setups = {}
     for name, make in contenders.items():
-        params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+        params = [torch.randn(s, device=device, dtype=dtype).requires_grad_() for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-2
         setups[name] = (params, make(params))

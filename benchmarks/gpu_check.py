@@ -15,8 +15,10 @@ Checks (each in its own process, each with a timeout, all results in OUT/gpu_che
   deterministic). (``--cpu``: accelerate ignores FSDP on CPU, so this only exercises the resume path.)
 - ``ds_zero2_bf16``: Trainer + DeepSpeed ZeRO-2 (``examples/configs/ds_zero2.json``) in bf16, 1 process:
   step sizes are logged per layer and the loss stays finite. Needs deepspeed importable (carry a wheel).
-- ``step``: ``benchmarks/bench_step.py`` at ~100M weights on the GPU: MetaOptimize (foreach and fused) vs
-  ``torch.optim.AdamW(foreach=True)`` and ``(fused=True)``.
+- ``step``: ``benchmarks/bench_step.py`` on the GPU against ``torch.optim.AdamW(fused=True)`` (the anchor) and
+  ``(foreach=True)``, each in the transformer layout and split into >= 300 tensors, bf16 params: every
+  MetaOptimize row at ~100M weights, and the default (automatic: the compiled step), ``fused=True`` and
+  element granularity at ~1B weights (the first step's time is the kernel's compile; it is reported apart).
 
 The training runs use a tiny GPT-2 built from a config and synthetic token sequences (no hub, no ``datasets``),
 so the only packages needed are torch, transformers and accelerate (and deepspeed for its check).
@@ -274,28 +276,35 @@ def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
 
 
 def check_step(out: Path, cpu: bool) -> dict:
-    weights, device = ("2e6", "cpu") if cpu else ("100e6", "cuda")
-    rc, tail = _run(
-        [
-            sys.executable,
-            "benchmarks/bench_step.py",
-            "--device",
-            device,
-            "--weights",
-            weights,
-            "--rounds",
-            "3" if cpu else "20",
-            "--warmup",
-            "1" if cpu else "3",
-            "--json",
-            out / "step.json",
-            *(["--no-fused"] if cpu else []),
-        ],
-        900,
-    )
-    if rc != 0:
-        return {"ok": False, "tail": tail}
-    return {"ok": True, **json.loads((out / "step.json").read_text())}
+    runs = [("2e6", None)] if cpu else [("100e6", None), ("1e9", "mo_scalar,mo_scalar_fused,mo_element_fused")]
+    results = {}
+    for weights, only in runs:
+        name = f"step_{weights}.json"
+        rc, tail = _run(
+            [
+                sys.executable,
+                "benchmarks/bench_step.py",
+                "--device",
+                "cpu" if cpu else "cuda",
+                "--weights",
+                weights,
+                "--dtype",
+                "float32" if cpu else "bfloat16",
+                "--rounds",
+                "3" if cpu else "20",
+                "--warmup",
+                "1" if cpu else "3",
+                "--json",
+                out / name,
+                *(["--no-fused"] if cpu else []),
+                *(["--only", only] if only else []),
+            ],
+            900,
+        )
+        if rc != 0:
+            return {"ok": False, "tail": tail, **results}
+        results[weights] = json.loads((out / name).read_text())
+    return {"ok": True, **results}
 
 
 def main(argv: list[str] | None = None) -> int:
