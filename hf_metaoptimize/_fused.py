@@ -297,6 +297,20 @@ def prepare(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor])
     _runner(key, config, slots, dtypes, local[0].device)
 
 
+_INDEX: dict[tuple, Tensor] = {}
+
+
+def _index(n: int, skip: tuple[int, ...], device: torch.device) -> Tensor:
+    """The rows of the compiled tensors (all but `skip`), as an index built once per layout (no copy per step)."""
+    key = (n, skip, device)
+    idx = _INDEX.get(key)
+    if idx is None:
+        if len(_INDEX) > 64:
+            _INDEX.clear()
+        idx = _INDEX[key] = torch.tensor([i for i in range(n) if i not in set(skip)], device=device)
+    return idx
+
+
 def fused_step(
     config: dict[str, Any],
     params: Sequence[Tensor],
@@ -327,8 +341,7 @@ def fused_step(
         items.append(item)
     if items:
         fn = _runner(key, config, slots, dtypes, device)
-        keep = [i for i in range(len(params)) if i not in set(tiny)] if tiny else None
-        sub = rows if keep is None else rows[torch.tensor(keep, device=rows.device)]
+        sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
         pad = (-len(items)) % CHUNK
         if pad:
             dummy = [torch.zeros(2, dtype=dtypes[k], device=device) for k in ("p", "g", *slots)]

@@ -467,11 +467,26 @@ def forbid_host_reads(monkeypatch):
     return guard
 
 
-@pytest.mark.parametrize("base,meta,gran", ALL)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_reads_no_tensor_value_on_the_host(base, meta, gran, dtype, forbid_host_reads):
+HOST_READ_CASES = [(b, m, g, d, False) for b, m, g in ALL for d in (torch.float32, torch.bfloat16)]
+HOST_READ_CASES += [("adamw", "lion", "scalar", torch.float32, True), ("adamw", "adam", "element", torch.float32, True)]
+
+
+@pytest.mark.parametrize("base,meta,gran,dtype,fused", HOST_READ_CASES)
+def test_step_reads_no_tensor_value_on_the_host(base, meta, gran, dtype, fused, forbid_host_reads):
+    """Also through the cooldown (steps 2 and 3 of total_steps=3) and the compiled step."""
     params = make_params(dtype)
-    opt = MetaOptimize(params, lr=1e-2, base=base, meta=meta, granularity=gran, weight_decay=0.1, gamma=0.99)
+    opt = MetaOptimize(
+        params,
+        lr=1e-2,
+        base=base,
+        meta=meta,
+        granularity=gran,
+        weight_decay=0.1,
+        gamma=0.99,
+        total_steps=3,
+        cooldown=0.67,
+        fused=fused or None,
+    )
     gen = torch.Generator().manual_seed(0)
     for step in range(3):
         feed(params, gen)
