@@ -2,9 +2,9 @@
 
 A *contender spec* is a plain dict that names an optimizer and its settings, e.g.
 ``{"optimizer": "adamw", "lr": 3e-3, "schedule": "cosine"}`` or
-``{"optimizer": "metaoptimize", "base": "adamw", "granularity": "scalar", "lr": 1e-4, "meta": "lion",
-"meta_lr": 1e-2, "gamma": 1.0}``. `make_optimizer` turns it into (optimizer, scheduler); the tasks never
-branch on the optimizer except for Schedule-Free's train/eval switch.
+``{"optimizer": "metaoptimize", "setting": "default", "lr": 1e-4}`` (the shipped defaults at alpha0 = 1e-4;
+``"setting": "paper"`` is the paper-exact Algorithm 3). `make_optimizer` turns it into (optimizer, scheduler);
+the tasks never branch on the optimizer except for Schedule-Free's train/eval switch.
 
 A *run record* (JSON, one file per run) holds: task, contender, label, optimizer spec, task config, seed,
 train loss by step, evaluation metrics by step, the step-size trace, final metrics, wall time, package
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hf_metaoptimize import MetaOptimize
+from hf_metaoptimize import PAPER_EXACT, MetaOptimize
 
 SCHEMA = 1
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def make_optimizer(
 
         opt = DAdaptAdam(groups, decouple=True, **{**DADAPT_DEFAULTS, **{k: spec[k] for k in ("d0",) if k in spec}})
     elif kind == "metaoptimize":
-        opt = MetaOptimize(groups, **metaoptimize_kwargs(spec))
+        opt = MetaOptimize(groups, **metaoptimize_kwargs(spec, total_steps))
     else:
         raise ValueError(f"unknown optimizer {kind!r}")
     schedule = spec.get("schedule", "constant")
@@ -127,16 +127,38 @@ def make_optimizer(
     return opt, sched
 
 
-def metaoptimize_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
-    granularity = spec.get("granularity", "scalar")
-    return dict(
-        lr=spec["lr"],
-        base=spec.get("base", "adamw"),
-        meta=spec.get("meta", "lion"),
-        granularity="block" if granularity == "layer" else granularity,
-        meta_lr=spec.get("meta_lr", 1e-3),
-        gamma=spec.get("gamma", 1.0),
-    )
+def metaoptimize_kwargs(spec: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
+    """The constructor kwargs of a MetaOptimize contender: what a user passes, nothing else.
+
+    ``setting="default"``: ``MetaOptimize(params, lr=alpha0, total_steps=T)``, every other value from
+    ``hf_metaoptimize.DEFAULTS`` (the constructor's own defaults); ``setting="paper"``:
+    ``MetaOptimize(params, lr=alpha0, **hf_metaoptimize.PAPER_EXACT)`` (no cooldown, so no run length). A
+    ``granularity`` in the spec is passed on ("layer" = block granularity over the task's per-layer groups).
+    Weight decay comes with the param groups, as for every contender of the task.
+    """
+    setting = spec.get("setting", "default")
+    if setting == "default":
+        kwargs: dict[str, Any] = {"total_steps": total_steps}
+    elif setting == "paper":
+        kwargs = dict(PAPER_EXACT)
+    else:
+        raise ValueError(f"unknown MetaOptimize setting {setting!r} (default, paper)")
+    granularity = spec.get("granularity")
+    if granularity is not None:
+        kwargs["granularity"] = "block" if granularity == "layer" else granularity
+    return {"lr": spec["lr"], **kwargs}
+
+
+MO_SETTING_KEYS = ("granularity", "meta_lr", "meta_asymmetry", "init_multiplier", "cooldown", "total_steps", "gamma")
+
+
+def metaoptimize_settings(opt: Any) -> dict[str, Any] | None:
+    """What a MetaOptimize actually runs with (its first group), for the run record; None for other optimizers."""
+    opt = getattr(opt, "optimizer", opt)
+    if not isinstance(opt, MetaOptimize):
+        return None
+    group = opt.param_groups[0]
+    return {k: group[k] for k in MO_SETTING_KEYS}
 
 
 def set_train_mode(opt: torch.optim.Optimizer, train: bool) -> None:
@@ -149,8 +171,9 @@ def set_train_mode(opt: torch.optim.Optimizer, train: bool) -> None:
 class StepSizeTracer:
     """Reads the current step size(s) of any contender into {label: float} (a host sync: call it rarely).
 
-    MetaOptimize: lr * exp(log_step) per step-size unit: "all" (scalar), the block name (block / layer), the
-    parameter name (tensor), "<name> (median)" (element). Prodigy / D-Adaptation: d * lr. Others: the
+    MetaOptimize: the size of the next step, lr * exp(log_step) * cooldown factor (`MetaOptimize.step_sizes`), per
+    step-size unit: "all" (scalar), the block name (block / layer), the parameter name (tensor), "<name> (median)"
+    (element). Prodigy / D-Adaptation: d * lr. Others: the
     scheduled lr.
     """
 
@@ -205,9 +228,11 @@ class StepSizeTracer:
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    import hf_metaoptimize
+
+    # the code that ran (the installed distribution's metadata can be an older editable install's)
+    out = {"python": platform.python_version(), "hf-metaoptimize": hf_metaoptimize.__version__}
     for dist in (
-        "hf-metaoptimize",
         "torch",
         "transformers",
         "accelerate",
@@ -353,11 +378,8 @@ def cli_args(doc: str, lr: float, steps: int, extra: Iterable[tuple[str, dict[st
     ap.add_argument("--optimizer", default="metaoptimize")
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--schedule", default="constant")
-    ap.add_argument("--base", default="adamw")
-    ap.add_argument("--granularity", default="scalar")
-    ap.add_argument("--meta", default="lion")
-    ap.add_argument("--meta_lr", type=float, default=1e-2)
-    ap.add_argument("--gamma", type=float, default=1.0)
+    ap.add_argument("--setting", default="default", choices=["default", "paper"], help="MetaOptimize setting")
+    ap.add_argument("--granularity", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--json", default=None)
@@ -366,5 +388,5 @@ def cli_args(doc: str, lr: float, steps: int, extra: Iterable[tuple[str, dict[st
     a = ap.parse_args()
     spec: dict[str, Any] = {"optimizer": a.optimizer, "lr": a.lr, "schedule": a.schedule}
     if a.optimizer == "metaoptimize":
-        spec.update(base=a.base, granularity=a.granularity, meta=a.meta, meta_lr=a.meta_lr, gamma=a.gamma)
+        spec.update(setting=a.setting, **({"granularity": a.granularity} if a.granularity else {}))
     return a, {"run_id": "cli", "contender": a.optimizer, "spec": spec, "seed": a.seed}

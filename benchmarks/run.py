@@ -2,7 +2,6 @@
 
     python -m benchmarks.run --suite full     # make bench: docs/benchmarks.md + docs/bench_*.png
     python -m benchmarks.run --suite quick    # make bench-quick: smoke version (report in the results folder)
-    python -m benchmarks.run --suite select   # the sweeps the frozen MetaOptimize defaults came from
 
 Results go to ``benchmarks/results/<suite>/<task>/<run_id>.json``. A run whose JSON exists with the same
 settings fingerprint is not run again (an interrupted suite resumes; ``--force`` reruns). ``--report-only``
@@ -27,7 +26,8 @@ from . import common, suites
 
 ROOT = common.REPO
 TASK_MODULES = suites.TASK_MODULES
-COST = {"lora": 3, "shakespeare": 2, "digits": 1}  # longest first, so parallel workers finish together
+# longest first, so parallel workers finish together
+COST = {"minilm_ft": 5, "shakespeare_long": 4, "lora": 3, "shakespeare": 2, "digits": 1}
 OVERHEAD = {
     "full": {
         "step": ["--weights", "10e6", "--rounds", "30", "--warmup", "3"],
@@ -171,15 +171,15 @@ def run_overhead(suite: str, out: Path, cache_dir: Path, force: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=["full", "quick", "select"], default="full")
+    ap.add_argument("--suite", choices=["full", "quick"], default="full")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<suite>)")
     ap.add_argument(
         "--docs",
         default=None,
-        help="markdown page to write (default: docs/benchmarks.md for full, docs/benchmarks_select.md "
-        "for select, <out>/benchmarks.md for quick); PNGs go beside it",
+        help="markdown page to write (default: docs/benchmarks.md for full, <out>/benchmarks.md for quick); PNGs "
+        "go beside it",
     )
-    ap.add_argument("--tasks", default=None, help="comma-separated subset of digits,shakespeare,lora")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASK_MODULES))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--force", action="store_true", help="rerun runs whose JSON already exists")
     ap.add_argument("--no-overhead", action="store_true")
@@ -192,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = (
         Path(args.docs)
         if args.docs
-        else {
-            "full": ROOT / "docs" / "benchmarks.md",
-            "select": ROOT / "docs" / "benchmarks_select.md",
-            "quick": out / "benchmarks.md",
-        }[args.suite]
+        else {"full": ROOT / "docs" / "benchmarks.md", "quick": out / "benchmarks.md"}[args.suite]
     )
     tasks = args.tasks.split(",") if args.tasks else None
     t0 = time.perf_counter()
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         executed = len(done)
         failures += [s for s in done if not s["ok"]]
         stages["tasks_s"] = time.perf_counter() - ts
-        if not args.no_overhead and args.suite != "select" and tasks is None:
+        if not args.no_overhead and tasks is None:
             ts = time.perf_counter()
             run_overhead(args.suite, out, cache_dir, args.force)
             stages["overhead_s"] = time.perf_counter() - ts

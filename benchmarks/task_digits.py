@@ -61,7 +61,7 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
     common.single_thread()
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     d = data.digits()
-    record = common.new_record("digits", run_spec, cfg, d)
+    record = common.new_record(run_spec.get("task", "digits"), run_spec, cfg, d)
     seed = run_spec["seed"]
     gen = common.seeded(seed)
     x_tr, y_tr = torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])
@@ -71,6 +71,7 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
     steps = cfg["steps"]
     opt, sched = common.make_optimizer(run_spec["spec"], groups, steps, int(cfg["warmup_frac"] * steps))
     tracer = common.StepSizeTracer(opt, common.param_names(model))
+    record["metaoptimize"] = common.metaoptimize_settings(opt)
     n, bs = len(y_tr), cfg["batch_size"]
     perm = torch.randperm(n, generator=gen)
     pos = 0

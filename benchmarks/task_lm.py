@@ -88,7 +88,7 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     common.single_thread()
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     toks = data.lm_tokens(cfg["vocab_size"], cache_dir)
-    record = common.new_record("shakespeare", run_spec, cfg, toks)
+    record = common.new_record(run_spec.get("task", "shakespeare"), run_spec, cfg, toks)
     seed = run_spec["seed"]
     gen = common.seeded(seed)
     model = build_model(cfg, toks["vocab_size"], toks["eos"])
@@ -97,6 +97,7 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     steps = cfg["steps"]
     opt, sched = common.make_optimizer(run_spec["spec"], groups, steps, int(cfg["warmup_frac"] * steps))
     tracer = common.StepSizeTracer(opt, common.param_names(model))
+    record["metaoptimize"] = common.metaoptimize_settings(opt)
     train = torch.from_numpy(toks["train"])
     ctx, bs = cfg["context"], cfg["batch_size"]
     small = eval_windows(toks["val"], ctx, cfg["eval_windows"])

@@ -103,18 +103,24 @@ def trainer_optimizer_args(spec: dict[str, Any], warmup: int) -> tuple[dict[str,
             DAdaptAdam,
             {**kw, "decouple": True},
         )
+    if kind == "trainer_adamw":
+        # `--optim adamw_torch` and nothing else: the Trainer's own defaults (lr, linear decay, no warm-up)
+        return dict(optim="adamw_torch"), None
     if kind == "metaoptimize":
-        base = spec.get("base", "adamw")
-        optim = {"adamw": "metaoptimize", "lion": "metaoptimize_lion"}[base]
-        optim_args = (
-            f"granularity={spec.get('granularity', 'scalar')},meta={spec.get('meta', 'lion')},"
-            f"meta_lr={spec.get('meta_lr', 1e-3)},gamma={spec.get('gamma', 1.0)}"
-        )
-        return dict(optim=optim, optim_args=optim_args, learning_rate=spec["lr"]), None
+        # `--optim metaoptimize --learning_rate alpha0` (no --optim_args: the Trainer sets total_steps itself) or
+        # `--optim metaoptimize_paper`; a granularity variant adds only `--optim_args granularity=...`
+        optim = {"default": "metaoptimize", "paper": "metaoptimize_paper"}[spec.get("setting", "default")]
+        extra = {"optim_args": f"granularity={spec['granularity']}"} if spec.get("granularity") else {}
+        return dict(optim=optim, learning_rate=spec["lr"], **extra), None
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
 def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_dir: str | None = None) -> dict[str, Any]:
+    return run_trainer(run_spec, {**DEFAULT_CONFIG, **(config or {})}, task="lora", lora=True)
+
+
+def run_trainer(run_spec: dict[str, Any], cfg: dict[str, Any], *, task: str, lora: bool) -> dict[str, Any]:
+    """One contender, one seed, through `transformers.Trainer`: LoRA (`lora=True`) or a full fine-tune."""
     common.single_thread()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -134,14 +140,13 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
 
     hf_metaoptimize.register()
     transformers.logging.set_verbosity_error()
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
     path = get_model_path()
     key = (cfg["max_tokens"], cfg["train_per_genre"], cfg["test_per_play"])
     if key not in _PASSAGES:  # tokenizing every play takes a few seconds: once per process
         tokenizer = AutoTokenizer.from_pretrained(path)
         _PASSAGES[key] = (tokenizer, data.genre_passages(tokenizer, *key))
     tokenizer, pas = _PASSAGES[key]
-    record = common.new_record("lora", run_spec, cfg, pas)
+    record = common.new_record(task, run_spec, cfg, pas)
 
     def encode(texts):
         return dict(
@@ -155,16 +160,17 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     seed = run_spec["seed"]
     transformers.set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(pas["genres"]))
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg["lora_r"],
-            lora_alpha=cfg["lora_alpha"],
-            lora_dropout=0.0,
-            target_modules=list(cfg["target_modules"]),
-            task_type="SEQ_CLS",
-        ),
-    )
+    if lora:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg["lora_r"],
+                lora_alpha=cfg["lora_alpha"],
+                lora_dropout=0.0,
+                target_modules=list(cfg["target_modules"]),
+                task_type="SEQ_CLS",
+            ),
+        )
     record["config"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = cfg["steps"]
     warmup = int(cfg["warmup_frac"] * steps)
@@ -189,7 +195,7 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
             inner = getattr(optimizer, "optimizer", optimizer)
             common.log_step_sizes(record, state.global_step, common.StepSizeTracer(inner, {})())
 
-    with tempfile.TemporaryDirectory(prefix="bench_lora_") as out:
+    with tempfile.TemporaryDirectory(prefix=f"bench_{task}_") as out:
         args = TrainingArguments(
             output_dir=out,
             max_steps=steps,
@@ -231,7 +237,14 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
             "learning_rate": args.learning_rate,
             "optimizer_class": type(inner).__name__,
             "max_grad_norm": args.max_grad_norm,
+            "warmup_steps": args.warmup_steps,
+            "weight_decay": args.weight_decay,
         }
+        record["metaoptimize"] = common.metaoptimize_settings(inner)  # what the integration built
+        if run_spec["spec"]["optimizer"] == "trainer_adamw" and args.learning_rate != run_spec["spec"]["lr"]:
+            raise RuntimeError(
+                f"the Trainer's default learning rate is {args.learning_rate}, not {run_spec['spec']['lr']}"
+            )
         history = trainer.state.log_history
     record["eval"]["step"].append(0)
     record["eval"]["loss"].append(first["eval_loss"])
@@ -270,17 +283,21 @@ def run(run_spec: dict[str, Any], config: dict[str, Any] | None = None, cache_di
     return record
 
 
-def main() -> None:
-    a, run_spec = common.cli_args(__doc__, lr=1e-3, steps=DEFAULT_CONFIG["steps"])
-    rec = run(run_spec, {"steps": a.steps, "eval_every": max(1, a.steps // 2)})
+def print_record(rec: dict[str, Any]) -> None:
     print(f"{'step':>6}{'test NLL':>10}{'acc':>8}")
     for i, s in enumerate(rec["eval"]["step"]):
         print(f"{s:>6}{rec['eval']['loss'][i] or float('nan'):>10.4f}{rec['eval']['accuracy'][i]:>8.3f}")
-    print("step sizes:", {k: v[-1] for k, v in rec["step_sizes"]["values"].items()})
+    print("step sizes:", {k: v[-1] for k, v in list(rec["step_sizes"]["values"].items())[:6]})
     print(
         f"final {rec['final']}  ({rec['wall_s']:.1f}s, {rec['train_ms_per_step']:.0f} ms/step) "
         f"trainer {rec['config']['trainer']}"
     )
+
+
+def main() -> None:
+    a, run_spec = common.cli_args(__doc__, lr=1e-3, steps=DEFAULT_CONFIG["steps"])
+    rec = run(run_spec, {"steps": a.steps, "eval_every": max(1, a.steps // 2)})
+    print_record(rec)
     if a.json:
         common.write_json(a.json, rec)
 

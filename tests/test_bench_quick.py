@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TASKS = {"digits", "shakespeare", "shakespeare_long", "lora", "minilm_ft"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -94,31 +95,51 @@ def test_every_planned_run_wrote_a_complete_record(quick):
         assert trace["step"] and trace["values"]
         assert all(len(v) == len(trace["step"]) for v in trace["values"].values())
     # one data hash per task: every contender saw the same data
-    for task in ("digits", "shakespeare", "lora"):
+    for task in TASKS:
         assert len({r["data"]["sha256"] for r in recs if r["task"] == task}) == 1
 
 
 def test_metaoptimize_traces_and_the_trainer_route(quick):
+    from hf_metaoptimize import DEFAULTS, PAPER_EXACT
+
     out, _, _ = quick
     recs = _records(out)
     mo = [r for r in recs if r["optimizer"]["optimizer"] == "metaoptimize"]
-    assert {r["task"] for r in mo} == {"digits", "shakespeare", "lora"}
-    layer = next(r for r in mo if r["task"] == "shakespeare" and r["optimizer"]["granularity"] == "layer")
+    assert {r["task"] for r in mo} == TASKS
+    shipped = {k: DEFAULTS[k] for k in ("meta_lr", "meta_asymmetry", "init_multiplier", "cooldown", "gamma")}
+    for rec in mo:  # exactly what a user gets: the shipped defaults (or PAPER_EXACT) and the run's length
+        settings = rec["metaoptimize"]
+        if rec["optimizer"]["setting"] == "paper":
+            assert {k: settings[k] for k in PAPER_EXACT} == PAPER_EXACT, rec["run_id"]
+        else:
+            assert {k: settings[k] for k in shipped} == shipped, rec["run_id"]
+            assert settings["total_steps"] == rec["config"]["steps"], rec["run_id"]
+    layer = next(r for r in mo if r["task"] == "shakespeare" and r["optimizer"].get("granularity") == "layer")
     assert {"embeddings", "transformer.h.0", "head"} <= set(layer["step_sizes"]["values"])
     first = [v[0] for v in layer["step_sizes"]["values"].values()]
-    assert all(v == pytest.approx(layer["optimizer"]["lr"]) for v in first)  # starts at alpha0
+    start = layer["optimizer"]["lr"] * DEFAULTS["init_multiplier"]
+    assert all(v == pytest.approx(start) for v in first)  # starts at alpha0 * init_multiplier
     lora = next(r for r in mo if r["task"] == "lora")
     trainer = lora["config"]["trainer"]
     assert trainer["optim"] == "metaoptimize" and trainer["optimizer_class"] == "MetaOptimize"
-    assert "granularity=layer" in trainer["optim_args"]
+    assert trainer["optim_args"] == "granularity=layer"
     assert lora["integration_logged_step_sizes"]  # the step sizes came from the integration's logs
     assert any(k.startswith("bert.encoder.layer.") for k in lora["step_sizes"]["values"])
+    ft = {r["contender"]: r for r in recs if r["task"] == "minilm_ft"}
+    assert ft["mo_default"]["config"]["trainer"]["optim"] == "metaoptimize"
+    assert ft["mo_default"]["config"]["trainer"]["optim_args"] is None  # nothing but --learning_rate
+    assert ft["mo_default"]["config"]["trainer"]["learning_rate"] == 5e-5
+    assert ft["mo_default"]["config"]["trainable_parameters"] > 20_000_000  # full FT
+    assert ft["mo_paper"]["config"]["trainer"]["optim"] == "metaoptimize_paper"
+    adamw = ft["trainer_adamw"]["config"]["trainer"]
+    assert (adamw["optim"], adamw["lr_scheduler_type"], adamw["learning_rate"]) == ("adamw_torch", "linear", 5e-5)
+    assert adamw["warmup_steps"] == 0
 
 
 def test_summary_report_and_plots(quick):
     out, docs, stdout = quick
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["tasks"]) == {"digits", "shakespeare", "lora"}
+    assert set(summary["tasks"]) == TASKS
     for t in summary["tasks"].values():
         assert "adamw_cosine" in t["contenders"]
         assert all(c["final_loss"] is not None for c in t["contenders"].values())
@@ -132,5 +153,7 @@ def test_summary_report_and_plots(quick):
         assert (docs.parent / image).stat().st_size > 1000
         assert f"({image})" in page
     assert {"curves_digits", "stepsizes_shakespeare", "curves_lora"} <= set(summary["images"])
-    assert "| task | metric |" in page and "## Overhead" in page
+    assert "| task | metric |" in page and "## Overhead" in page and "## Goals" in page
+    assert {"sensitivity", "stepsizes_default", "stepsizes_paper"} <= set(summary["images"])
+    assert summary["tasks"]["minilm_ft"]["goals"]["mo_default"]["4"]["value"] > 0
     assert "== digits: final test NLL ==" in stdout
