@@ -661,50 +661,72 @@ STEP_GOALS = {
 }
 
 
+def _step_table(layout: dict) -> str:
+    rows = []
+    for r in layout["rows"]:
+        goal = STEP_GOALS.get(r["optimizer"])
+        verdict = "-" if goal is None else (f"<= {goal:g}: " + ("met" if r["ratio"] <= goal else "**missed**"))
+        rows.append(
+            [
+                r["optimizer"],
+                f"{r['median_ms']:.1f}",
+                f"{r['ratio']:.2f}",
+                verdict,
+                f"{r.get('ratio_foreach', float('nan')):.2f}",
+                f"{r.get('first_step_s', float('nan')):.1f}",
+                f"{r['state_bytes'] / 1e6:.1f}",
+                f"{r['extra_bytes_per_weight']:.2f}",
+            ]
+        )
+    head = ["optimizer", "median ms", "x AdamW(fused)", "goal", "x AdamW(foreach)", "first step s", "state MB"]
+    return md_table([*head, "extra bytes / weight"], rows)
+
+
 def overhead_section(out: Path) -> tuple[str, dict]:
     parts, data = [], {}
     step = out / "overhead" / "step.json"
     if step.exists():
         s = json.loads(step.read_text())
         data["step"] = s
-        rows = []
-        for r in s["rows"]:
-            goal = STEP_GOALS.get(r["optimizer"])
-            verdict = "-" if goal is None else (f"<= {goal:g}: " + ("met" if r["ratio"] <= goal else "**missed**"))
-            rows.append(
-                [
-                    r["optimizer"],
-                    f"{r['median_ms']:.1f}",
-                    f"{r['ratio']:.2f}",
-                    verdict,
-                    f"{r['state_bytes'] / 1e6:.1f}",
-                    f"{r['extra_bytes_per_weight']:.2f}",
-                ]
+        layouts = s.get("layouts") or {
+            "transformer": {"weights": s["weights"], "tensors": s["tensors"], "rows": s["rows"]}
+        }
+        text = [
+            "**Optimizer step** (`benchmarks/bench_step.py`): against `torch.optim.AdamW(fused=True)`, what "
+            "`--optim adamw_torch_fused` (the Trainer's default on torch >= 2.8) runs; "
+            f"{s['threads']} thread, torch {s['torch']}, A/B interleaved rounds, medians. `mo_*` rows are the default "
+            "path (`fused=None`: the compiled step from 2M weights on, where it compiles), `*_fused` ask for it, "
+            '`mo_scalar_noskip` has no non-finite guard; "first step" includes compiling or loading the kernel '
+            "(compiled packages are cached on disk, so it is paid once per machine)."
+        ]
+        for name, layout in layouts.items():
+            what = "transformer-shaped" if name == "transformer" else "split into many (as in a real LLM)"
+            text.append(
+                f"{layout['weights'] / 1e6:.1f}M weights in {layout['tensors']} tensors, {what}:\n\n"
+                + _step_table(layout)
             )
-        parts.append(
-            f"**Optimizer step** (`benchmarks/bench_step.py`): {s['weights'] / 1e6:.1f}M weights in {s['tensors']} "
-            f"transformer-shaped tensors, {s['threads']} thread, torch {s['torch']}, "
-            "A/B interleaved rounds, medians.\n\n"
-            + md_table(["optimizer", "median ms", "x AdamW(foreach)", "goal", "state MB", "extra bytes / weight"], rows)
-        )
+        parts.append("\n\n".join(text))
     tr = out / "overhead" / "trainer_step.json"
     if tr.exists():
         t = json.loads(tr.read_text())
         data["trainer"] = t
+        anchor = "adamw_torch_fused" if any(r["optimizer"] == "adamw_torch_fused" for r in t["rows"]) else "adamw_torch"
         rows = []
         for r in t["rows"]:
             goal = (
                 ""
-                if r["optimizer"] == "adamw_torch"
-                else ("<= 1.05: " + ("met" if r["ratio"] <= 1.05 else "**missed**"))
+                if r["optimizer"].startswith("adamw")
+                else ("<= 1.03: " + ("met" if r["ratio"] <= 1.03 else "**missed**"))
             )
             rr = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
+            plain = r.get("ratio_adamw_torch")
             rows.append(
                 [
                     r["optimizer"],
                     f"{r['median_ms']:.1f}",
                     f"{r['ratio']:.3f}",
                     goal,
+                    "-" if plain is None else f"{plain:.3f}",
                     f"{r.get('optimizer_step_ms', float('nan')):.2f}",
                     rr,
                 ]
@@ -714,11 +736,19 @@ def overhead_section(out: Path) -> tuple[str, dict]:
             "**Trainer step** (`benchmarks/bench_trainer_step.py`): the Shakespeare GPT-2 "
             f"({t['parameters'] / 1e3:.0f}k "
             f"weights, {m['n_layer']} layers, d={m['n_embd']}, batch {m['batch_size']} x {m['context']} tokens), "
-            f"`--optim metaoptimize` vs `--optim adamw_torch`, {t['rounds']} interleaved rounds x "
+            f"`--optim metaoptimize` vs `--optim {anchor}`, {t['rounds']} interleaved rounds x "
             f"{t['steps_per_chunk']} steps (first {t['skip']} of each dropped), median time from step begin to step "
             "end (data, forward, backward, clipping, optimizer, scheduler).\n\n"
             + md_table(
-                ["--optim", "median ms", "x adamw_torch", "goal", "of which optimizer.step() ms", "per-round ratios"],
+                [
+                    "--optim",
+                    "median ms",
+                    f"x {anchor}",
+                    "goal",
+                    "x adamw_torch",
+                    "of which optimizer.step() ms",
+                    "per-round ratios",
+                ],
                 rows,
             )
         )
