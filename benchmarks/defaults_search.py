@@ -629,18 +629,26 @@ def check(steps: int = 20) -> None:
     d = data.digits()
     x, y = torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])
     worst = 0.0
+    paper = dict(meta_asymmetry=1.0, init_multiplier=1.0, cooldown=0.0)
     for meta, eta, gamma, wd, lr in (
         ("lion", 1e-2, 1.0, 0.0, 1e-3),
         ("lion", 1e-3, 0.999, 0.1, 1e-3),
         ("adam", 1e-2, 1.0, 0.1, 1e-4),
+        ("shipped", None, 1.0, 0.1, 1e-3),  # the package's defaults vs asym_2e-2_3e-2+cool_start0.1
     ):
         losses = []
         for impl in ("package", "proto"):
             torch.manual_seed(0)
             model = MLP(128, 2)
             groups = layer_param_groups(model, wd)
-            if impl == "package":
-                opt = MetaOptimize(groups, lr=lr, meta=meta, meta_lr=eta, gamma=gamma)
+            if impl == "package" and meta == "shipped":
+                opt = MetaOptimize(groups, lr=lr, total_steps=steps)
+            elif impl == "package":
+                opt = MetaOptimize(groups, lr=lr, meta=meta, meta_lr=eta, gamma=gamma, **paper)
+            elif meta == "shipped":
+                opt = ProtoMO(
+                    groups, lr=lr, rule=AsymLion(2e-2, 3e-2), total_steps=steps, beta_init=-math.log(10), **COOL
+                )
             else:
                 opt = ProtoMO(groups, lr=lr, rule=RULES[meta](eta), gamma=gamma, total_steps=steps)
             ls = []
@@ -653,7 +661,7 @@ def check(steps: int = 20) -> None:
                 opt.step()
                 ls.append(loss.item())
             if impl == "package":
-                alpha = float(opt.step_sizes()[0][0])
+                alpha = float(opt.step_size_multipliers()[0][0]) * lr
             else:
                 alpha = float(lr * torch.exp(opt.beta))
             losses.append((ls, alpha))
