@@ -88,7 +88,7 @@ def execute(run: dict, out: str, cache_dir: str) -> dict:
 
 def _describe(summary: dict) -> str:
     run = summary["run"]
-    head = f"{run['task']:<12}{run['run_id']:<52}"
+    head = f"{run['task']:<18}{run['run_id']:<40}"
     if not summary["ok"]:
         return head + "FAILED: " + summary["error"].strip().splitlines()[-1]
     final = summary["final"]
