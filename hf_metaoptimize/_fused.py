@@ -317,9 +317,15 @@ def fused_step(
     grads: Sequence[Tensor],
     states: Sequence[dict[str, Tensor]],
     rows: Tensor,
+    eager: bool = False,
 ) -> None:
     """Run the kernel of `config` (base, meta, element, sanitize) on rank-local params, grads and state, in
-    place; ``rows[i]`` is tensor i's row (:data:`ROW`)."""
+    place; ``rows[i]`` is tensor i's row (:data:`ROW`). `eager`: the same function uncompiled, one tensor at a
+    time (``foreach=False``: the per-tensor ground truth of the fast paths, no compiler needed)."""
+    if eager:
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            _run_eager(config, p, g, st, rows[i])
+        return
     slots, dtypes, key = _layout(config, params[0], grads[0], states[0])
     device = params[0].device
     items: list[list[Tensor]] = []
@@ -361,11 +367,31 @@ def fused_step(
     for t, flat in copies:
         t.copy_(flat.view(t.shape))
     for i in tiny:
-        st = states[i]
-        _kernel(
-            params[i].view(-1),
-            grads[i].reshape(-1),
-            *(st[k].view(-1) if k in st else None for k in _SLOTS[2:]),
-            rows[i],
-            **config,
-        )
+        _run_eager(config, params[i], grads[i], states[i], rows[i])
+
+
+def _run_eager(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor], row: Tensor) -> None:
+    """`_kernel` uncompiled on one tensor (contiguous flat views; a non-contiguous tensor through a copy)."""
+    slots = _slots(config["base"], config["element"], config["meta"])
+    views, copies = {}, []
+    for name, t in (("p", p), ("g", g), *((k, st[k]) for k in slots)):
+        if t.is_contiguous():
+            views[name] = t.view(-1)
+        else:
+            views[name] = t.contiguous().view(-1)
+            if name != "g":
+                copies.append((t, views[name]))
+    _kernel(
+        views["p"],
+        views["g"],
+        views["trace"],
+        views.get("exp_avg"),
+        views.get("exp_avg_sq"),
+        views.get("log_step"),
+        views.get("meta_exp_avg"),
+        views.get("meta_exp_avg_sq"),
+        row,
+        **config,
+    )
+    for t, flat in copies:
+        t.copy_(flat.view(t.shape))

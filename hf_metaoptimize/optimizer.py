@@ -144,8 +144,9 @@ class MetaOptimize(Optimizer):
             copy of the gradients (``p.grad`` is never written); for AdamW that copy doubles as the step's
             workspace, so the cost is two elementwise passes over the gradients. ``False`` lets inf/NaN
             through into params and state.
-        foreach (bool, optional): ``True``: the multi-tensor (``torch._foreach_*``) path; ``False``: the same
-            math one tensor at a time. Default None: chosen with ``fused`` (below).
+        foreach (bool, optional): ``True``: the multi-tensor (``torch._foreach_*``) path; ``False``: the
+            per-tensor kernel of ``fused`` run uncompiled, one tensor at a time (slow; no compiler needed).
+            Default None: chosen with ``fused`` (below).
         fused (bool, optional): ``True``: the base step, the trace and (element granularity) the meta step as ONE
             compiled elementwise kernel over 16 tensors per call (``hf_metaoptimize/_fused.py``, AOTInductor:
             C++ on CPU, Triton on GPU): each weight's param, grad and state are read and written once instead of a
@@ -539,10 +540,11 @@ class MetaOptimize(Optimizer):
         return loss
 
     def _fused_on(self, group: dict[str, Any]) -> bool:
-        """Whether this group steps with the compiled kernel: ``fused=True``, or the automatic choice (both
-        ``fused`` and ``foreach`` left at None) made once at the first step (:meth:`_choose_fused`)."""
+        """Whether this group steps with the per-tensor kernel (``_fused._kernel``): compiled for ``fused=True`` or
+        the automatic choice (both ``fused`` and ``foreach`` left at None, made once at the first step,
+        :meth:`_choose_fused`), run eagerly one tensor at a time for ``foreach=False``."""
         if group["fused"] is not None or group["foreach"] is not None:
-            return bool(group["fused"])
+            return bool(group["fused"]) or group["foreach"] is False
         auto = self.__dict__.get("_auto_fused")
         return bool(auto)
 
@@ -840,13 +842,6 @@ def _finite_guard(red: Tensor, skip: bool) -> tuple[Tensor | None, Tensor, Tenso
     return ok, ok.to(red.dtype), torch.where(ok, red, torch.zeros((), dtype=red.dtype, device=red.device))
 
 
-def _chunks(group: dict[str, Any], n: int) -> list[slice]:
-    """The whole list at once (foreach) or one tensor at a time (foreach=False): same math either way."""
-    if group["foreach"] is False:
-        return [slice(i, i + 1) for i in range(n)]
-    return [slice(0, n)]
-
-
 # Group hyper-parameters the base step (and, for element granularity, the in-place meta step) reads.
 _STEP_KEYS = (
     "lr",
@@ -900,16 +895,14 @@ def _base_group_step(
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
-        if fused:
+        if fused:  # the per-tensor kernel: compiled, or eagerly for foreach=False
             _fused_bucket_step(
                 state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
             )
             continue
-        for sl in _chunks(group, len(idx)):
-            sub = idx[sl]
-            _base_bucket_step(
-                state, group, [params[i] for i in sub], [grads[i] for i in sub], okf.to(device), dtype, sanitize
-            )
+        _base_bucket_step(
+            state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
+        )
 
 
 # (hyper-parameter row, device, dtype) -> that row on the device (built once: no host-to-device copy per step)
@@ -974,7 +967,7 @@ def _fused_bucket_step(
     if _any_dtensor(params):
         params, grads = [_local(p) for p in params], [_local(g) for g in grads]
         sts = [{k: _local(v) for k, v in st.items()} for st in sts]
-    fused_step(_fused_config(group, sanitize), params, grads, sts, rows)
+    fused_step(_fused_config(group, sanitize), params, grads, sts, rows, eager=group["foreach"] is False)
 
 
 def _fused_config(group: dict[str, Any], sanitize: bool) -> dict[str, Any]:

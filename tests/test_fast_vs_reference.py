@@ -6,6 +6,8 @@ round-off for float64 params, and to ~1e-4 relative (params and log_step) for fl
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from optim_cases import (
@@ -74,6 +76,16 @@ def assert_step_sizes_close(pair: RunPair, rtol: float) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_fast_matches_reference_float64(case):
     pair = run_pair(case, steps=STEPS, dtype=torch.float64)
+    assert_params_close(pair, rtol=1e-9, atol=1e-12)
+    assert_state_close(pair, rtol=1e-9, atol=1e-12)
+    assert_step_sizes_close(pair, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_per_tensor_kernel_matches_reference_float64(case):
+    """foreach=False runs the per-tensor pure function (hf_metaoptimize._fused._kernel) eagerly: the ground truth
+    of the compiled path, on the whole table."""
+    pair = run_pair(case, steps=STEPS, dtype=torch.float64, fast_cls=functools.partial(fast_class(), foreach=False))
     assert_params_close(pair, rtol=1e-9, atol=1e-12)
     assert_state_close(pair, rtol=1e-9, atol=1e-12)
     assert_step_sizes_close(pair, rtol=1e-6)
