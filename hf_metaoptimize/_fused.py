@@ -335,16 +335,7 @@ def fused_step(
         if p.numel() < 2:  # the kernel's sizes are >= 2 (size 1 would be specialised): run it uncompiled
             tiny.append(i)
             continue
-        item = []
-        for t in (p, g, *(st[k] for k in slots)):
-            if t.is_contiguous():
-                item.append(t.view(-1))
-            else:  # e.g. a channels_last param's moments: a contiguous copy, written back after the call
-                flat = t.contiguous().view(-1)
-                if t is not g:
-                    copies.append((t, flat))
-                item.append(flat)
-        items.append(item)
+        items.append(_flat_views(p, g, st, slots, copies))
     if items:
         fn = _runner(key, config, slots, dtypes, device)
         sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
@@ -370,17 +361,28 @@ def fused_step(
         _run_eager(config, params[i], grads[i], states[i], rows[i])
 
 
+def _flat_views(
+    p: Tensor, g: Tensor, st: dict[str, Tensor], slots: tuple[str, ...], copies: list[tuple[Tensor, Tensor]]
+) -> list[Tensor]:
+    """p, g and the state slots as flat contiguous views; a non-contiguous one (e.g. a channels_last param's
+    moments) as a contiguous copy, recorded in `copies` to be written back after the kernel (never the grad)."""
+    out = []
+    for t in (p, g, *(st[k] for k in slots)):
+        if t.is_contiguous():
+            out.append(t.view(-1))
+        else:
+            flat = t.contiguous().view(-1)
+            if t is not g:
+                copies.append((t, flat))
+            out.append(flat)
+    return out
+
+
 def _run_eager(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor], row: Tensor) -> None:
     """`_kernel` uncompiled on one tensor (contiguous flat views; a non-contiguous tensor through a copy)."""
     slots = _slots(config["base"], config["element"], config["meta"])
-    views, copies = {}, []
-    for name, t in (("p", p), ("g", g), *((k, st[k]) for k in slots)):
-        if t.is_contiguous():
-            views[name] = t.view(-1)
-        else:
-            views[name] = t.contiguous().view(-1)
-            if name != "g":
-                copies.append((t, views[name]))
+    copies: list[tuple[Tensor, Tensor]] = []
+    views = dict(zip(("p", "g", *slots), _flat_views(p, g, st, slots, copies)))
     _kernel(
         views["p"],
         views["g"],
