@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -233,7 +234,9 @@ class MetaOptimize(Optimizer):
         # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
         # list around each step() call; this is how the optimizer still sees every block.
         self._all_groups = self.param_groups
-        self._partitions: _Partitions | None = None
+        # How the meta-gradients are completed when step() sees rank-local flat partitions (DeepSpeed ZeRO):
+        # integrations.deepspeed.ZeroPartitions, set by its attach(); None otherwise (one process, DDP, FSDP2).
+        self._partitions: Any = None
         self._skip_seen: tuple[int, int, int] | None = None  # host-side: (skipped, applied, streak) at last check
         self._calls = 0  # host-side count of step() calls, for the one warning past total_steps
         self.register_load_state_dict_pre_hook(_check_checkpoint)
@@ -487,7 +490,7 @@ class MetaOptimize(Optimizer):
         part = self.__dict__.get("_partitions")
         if part is None:
             return [(gi, g, list(g["params"])) for gi, g in enumerate(self._all_groups)]
-        return [(gi, g, [t for i, t in part.members if i == gi]) for gi, g in enumerate(self._all_groups)]
+        return [(gi, g, part.params(gi)) for gi, g in enumerate(self._all_groups)]
 
     def _block_donors(self) -> dict[Any, dict[str, Tensor]]:
         """First member with state of every block (scalar / block granularity)."""
@@ -519,9 +522,10 @@ class MetaOptimize(Optimizer):
             self._choose_fused(active)
         grads = {gi: self._grads(plist) for gi, _, plist in active}
         # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
-        zvec, zelem = self._local_meta_grads(active, grads)
         if self._partitions is not None:  # DeepSpeed ZeRO: this call sees some partitions only
-            return self._partitioned_finish(loss, active, grads, zvec, zelem)
+            self._partitions.step(self, active, grads)  # integrations.deepspeed.ZeroPartitions
+            return loss
+        zvec, zelem = self._local_meta_grads(active, grads)
         zvec = self._complete_sharded(active, zvec)  # FSDP2: one all-reduce completes the partial sums
         red, keys = self._block_sums(active, zvec)
         ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
@@ -623,6 +627,8 @@ class MetaOptimize(Optimizer):
                             donors = self._block_donors()
                         donor = donors.get(self._block_key(gi, group, p))
                     self._init_state(p, group, donor)
+                    if self._partitions is not None:
+                        self._partitions.init_state(self, p, group)
                     if shared and donor is None:
                         donors[self._block_key(gi, group, p)] = self.state[p]
                 plist.append(p)
@@ -733,103 +739,19 @@ class MetaOptimize(Optimizer):
                 torch._foreach_mul_(ze, okf.to(ze[0].dtype))
             _meta_step_element(self.state, group, plist, ze, okf)
 
-    # ------------------------------------------------------------------ DeepSpeed ZeRO partitions
-    def _attach_partitions(self, members: list[tuple[int, Tensor]], process_group: Any, origin: str) -> None:
-        """Declare that this optimizer steps rank-local flat partitions (DeepSpeed ZeRO), one call per entry.
-
-        `members` lists every partition this rank will see, in the order step() is called on them, with the
-        index of its param group; `process_group` is the data-parallel group the partitions are split over.
-        Used by :func:`hf_metaoptimize.integrations.deepspeed.attach`; not for direct use.
-        """
-        gran = self._all_groups[0]["granularity"]
-        if gran == "tensor":
-            raise ValueError(
-                f"granularity='tensor' is not supported under {origin}: ZeRO flattens every param group into "
-                "one partition per rank, so a per-tensor step size would silently become a per-partition one "
-                "that differs between ranks. Use granularity='scalar', 'block' (Trainer: granularity=layer) or "
-                "'element'."
-            )
-        blocks: dict[Any, list[tuple[int, Tensor]]] = {}
-        for gi, t in members:
-            key = self._block_key(gi, self._all_groups[gi], t) if gran != "element" else ("param", id(t))
-            blocks.setdefault(key, []).append((gi, t))
-        last = {id(v[-1][1]): k for k, v in blocks.items()}
-        self._partitions = _Partitions(members, process_group, blocks, last, origin)
-
-    def _partitioned_finish(self, loss, active, grads, zvec, zelem):
-        """Steps 2-4 of Algorithm 3 when this call sees only some rank-local partitions (DeepSpeed ZeRO).
-
-        The finiteness flag is agreed over the data-parallel group at every call. Under scalar / block
-        granularity each partition records its meta-gradient contribution; the call that steps the LAST
-        partition of a block sums the contributions of all of them (all ranks, one all-reduce) and applies the
-        block's meta update to every member, so that the next base step of every member uses beta_{t+1},
-        exactly as in Algorithm 3.
-        """
-        part = self._partitions
-        gran = self._all_groups[0]["granularity"]
-        ones = torch.ones(1, dtype=zvec.dtype, device=zvec.device)
-        flag = reduce_partial_sums(zvec.sum().reshape(1), ones, [part.group])
-        skip = self._all_groups[0]["skip_nonfinite"]
-        ok = torch.isfinite(flag[0]) if skip else None
-        okf = ok.to(zvec.dtype) if skip else torch.ones((), dtype=zvec.dtype, device=zvec.device)
-        plist_all = [p for _, _, plist in active for p in plist]
-        if gran != "element":
-            contrib = zvec if ok is None else torch.where(ok, zvec, torch.zeros_like(zvec))
-            for p, z in zip(plist_all, contrib.unbind(0)):
-                st = self.state[p]
-                if "meta_grad" not in st:
-                    st["meta_grad"] = torch.zeros((), dtype=st["trace"].dtype, device=p.device)
-                st["meta_grad"].copy_(z)
-        for group, plist, glist in _merge_groups(active, grads):
-            _base_group_step(self.state, group, plist, glist, okf, ok is not None, self._fused_on(group))
-        if gran == "element":
-            self._element_meta_steps(active, zelem, ok, okf)
-        else:
-            done = [part.last[id(p)] for p in plist_all if id(p) in part.last]
-            if done:
-                sums = torch.stack(
-                    [
-                        torch.stack(
-                            [
-                                self.state[t]["meta_grad"].to(zvec.device)
-                                for _, t in part.blocks[k]
-                                if "meta_grad" in self.state.get(t, {})
-                            ]
-                        ).sum()
-                        for k in done
-                    ]
-                )
-                sums = reduce_partial_sums(sums, torch.ones_like(sums), [part.group])
-                for k, zb in zip(done, sums.unbind(0)):
-                    by_group: dict[int, list[Tensor]] = {}
-                    for gi, t in part.blocks[k]:
-                        if self.state.get(t):
-                            by_group.setdefault(gi, []).append(t)
-                    for gi, ml in by_group.items():
-                        _meta_step_shared(self.state, self._all_groups[gi], ml, zb, okf)
-        if ok is not None:
-            torch._foreach_add_([self.state[p]["nonfinite_steps"] for p in plist_all], 1.0 - okf.to(torch.float32))
-        return loss
-
-
-class _Partitions:
-    """What DeepSpeed ZeRO hands this rank: flat partitions, their blocks, and the data-parallel group."""
-
-    def __init__(self, members, group, blocks, last, origin):
-        self.members, self.group, self.blocks, self.last, self.origin = members, group, blocks, last, origin
-
 
 def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
-    """Never run silently wrong when stepped group by group on rank-local partitions (DeepSpeed ZeRO)."""
-    swapped = opt.param_groups is not opt._all_groups
-    zero3 = any(hasattr(p, "ds_id") for g in opt.param_groups for p in g["params"])
-    if swapped or zero3:
-        raise RuntimeError(
-            "MetaOptimize is being stepped one param group / partition at a time on rank-local flat "
-            "partitions (DeepSpeed ZeRO). Its meta-gradients need the whole block across groups and ranks: "
-            "call hf_metaoptimize.integrations.deepspeed.attach(engine) right after deepspeed.initialize(...) "
-            "(the Trainer integration does this for you)."
-        )
+    """Never run silently wrong when stepped group by group on rank-local partitions (DeepSpeed ZeRO): the
+    meta-gradients need every block whole (:mod:`hf_metaoptimize.integrations.deepspeed` attaches the
+    partitions; it also knows ZeRO-3's marks)."""
+    if opt.param_groups is not opt._all_groups:
+        from .integrations.deepspeed import UNATTACHED
+
+        raise RuntimeError(UNATTACHED)
+    if "deepspeed" in sys.modules:
+        from .integrations.deepspeed import refuse_unattached
+
+        refuse_unattached(opt)
 
 
 # ---------------------------------------------------------------------- the math
@@ -884,6 +806,7 @@ def _base_group_step(
     okf: Tensor,
     sanitize: bool,
     fused: bool,
+    own: bool | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
@@ -901,7 +824,7 @@ def _base_group_step(
             )
             continue
         _base_bucket_step(
-            state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
+            state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize, own
         )
 
 
@@ -984,7 +907,10 @@ def _base_bucket_step(
     okf: Tensor,
     dtype: torch.dtype,
     sanitize: bool,
+    own: bool | None = None,
 ) -> None:
+    """The foreach base step of one (device, dtype) bucket. `own`: whether the grads are temporaries of ours that
+    may serve as workspace (default: those that are not ``p.grad``)."""
     base = group["base"]
     lr, kappa, gamma = group["lr"], group["weight_decay"], group["gamma"]
     betas, eps = group["betas"], group["eps"]
@@ -992,7 +918,8 @@ def _base_bucket_step(
     sharded = _any_dtensor(params)
     sts = [{k: _local(v) for k, v in state[p].items()} for p in params] if sharded else [state[p] for p in params]
     # `own`: the grads are temporaries of ours (float32 copies of low-precision grads), not p.grad
-    own = all(g is not p.grad for g, p in zip(grads, params))
+    if own is None:
+        own = all(g is not p.grad for g, p in zip(grads, params))
     if sharded:
         params = [_local(p) for p in params]
     wide = _wide_dtype(dtype)
@@ -1405,7 +1332,7 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
                 optimizer.state[p][k] = v.detach().to(device=p.device, dtype=dt, copy=True)
     optimizer._wide_stash, optimizer._wide_stash_ids = {}, []
     counts = [st["block_step"] for st in optimizer.state.values() if isinstance(st, dict) and "block_step" in st]
-    optimizer._calls = int(torch.stack([c.cpu() for c in counts]).max()) if counts else 0  # one read, at load
+    optimizer._calls = int(torch.cat([c.reshape(-1).cpu() for c in counts]).max()) if counts else 0  # at load
     optimizer._index_cache = {}
     optimizer._all_groups = optimizer.param_groups  # load_state_dict installs a new list
     optimizer._check_groups(force=True)  # loaded groups are validated now, not at the first step

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dist_worker  # noqa: E402
 from dist_worker import batches, build_model, make_opt  # noqa: E402
 
-from hf_metaoptimize.integrations.deepspeed import attach  # noqa: E402
+from hf_metaoptimize.integrations.deepspeed import attach, initialize  # noqa: E402
 
 
 def ds_config(stage: int, world: int) -> dict:
@@ -33,10 +33,15 @@ def ds_config(stage: int, world: int) -> dict:
     }
 
 
-def engine_for(model, granularity, stage, world):
+def engine_for(model, granularity, stage, world, one_call=False):
+    """deepspeed.initialize + attach, or (`one_call`) the integration's initialize that does both."""
     import deepspeed
 
     opt = make_opt(model, granularity)
+    if one_call:
+        engine, *_ = initialize(model=model, optimizer=opt, config=ds_config(stage, world))
+        assert opt._partitions is not None, "initialize() did not attach the partitions"
+        return engine, opt
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world))
     attach(engine)
     return engine, opt
@@ -78,15 +83,8 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     errors: list[str] = []
 
-    if args.granularity == "tensor":  # must be refused at attach, never silently per-partition
-        try:
-            engine_for(build_model(), "tensor", args.stage, world)
-            errors.append("granularity='tensor' was accepted under ZeRO")
-        except ValueError as e:
-            if "granularity='tensor' is not supported" not in str(e):
-                errors.append(f"unexpected error: {e}")
-        return finish(args, rank, errors)
-
+    if args.granularity == "tensor":  # two groups of several tensors: flat partitions cut tensors across ranks
+        dist_worker.param_groups = tensor_groups
     ref = build_model()
     ref_opt = make_opt(ref, args.granularity)
     for x, y in batches(args.steps):
@@ -106,10 +104,12 @@ def main() -> int:
             for s in group:
                 if not torch.allclose(s, ref_sizes[gi], rtol=1e-5):
                     errors.append(f"group {gi} step size {s.item():.6g} vs one process {ref_sizes[gi].item():.6g}")
+    if args.granularity == "tensor":  # every piece of a tensor, on every rank, has that tensor's step size
+        errors += check_tensor_step_sizes(opt, ref_opt, args.stage)
     # state is replicated where it should be: every rank holds the same block step sizes
     flat = (
         torch.stack([s.reshape(()) for g in opt.step_sizes() for s in g])
-        if args.granularity != "element"
+        if args.granularity in ("scalar", "block")
         else torch.zeros(1)
     )
     gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -122,7 +122,7 @@ def main() -> int:
     engine.save_checkpoint(ckpt, tag="t")
     more = list(batches(2 * args.steps))[args.steps :]
     train(engine, more, rank, world)
-    engine2, opt2 = engine_for(build_model(seed=7), args.granularity, args.stage, world)
+    engine2, opt2 = engine_for(build_model(seed=7), args.granularity, args.stage, world, one_call=True)
     engine2.load_checkpoint(ckpt, tag="t")
     train(engine2, more, rank, world)
     for a, b in zip(weights(engine, args.stage), weights(engine2, args.stage)):
@@ -136,6 +136,38 @@ def main() -> int:
         if st and st["trace"].dtype != torch.float32:
             errors.append("trace not float32 after load")
     return finish(args, rank, errors)
+
+
+def tensor_groups(model: torch.nn.Module, granularity: str) -> list[dict]:
+    """All weights in one group (with decay), all biases in another: each group's flat partition holds pieces of
+    several tensors, and some tensors are cut between the ranks."""
+    lin = [m for m in model if isinstance(m, torch.nn.Linear)]
+    return [
+        {"params": [m.weight for m in lin], "weight_decay": 0.1},
+        {"params": [m.bias for m in lin], "weight_decay": 0.0},
+    ]
+
+
+def check_tensor_step_sizes(opt, ref_opt, stage: int) -> list[str]:
+    errors, ref = [], ref_opt.step_sizes()
+    part = opt._partitions
+    seen = 0
+    pairs = [(gi, f, s) for gi, row in enumerate(opt.step_sizes()) for f, s in zip(part.params(gi), row)]
+    for gi, flat, sizes in pairs:
+        frag = part.fragments[id(flat)]
+        if sizes.shape != (len(frag.index),):
+            errors.append(f"group {gi}: step sizes of shape {tuple(sizes.shape)} for {len(frag.index)} pieces")
+            continue
+        for k, i in enumerate(frag.index):
+            seen += 1
+            want = ref[gi][i]
+            if not torch.allclose(sizes[k], want, rtol=1e-5):
+                errors.append(f"group {gi} tensor {i}: {sizes[k].item():.6g} vs one process {want.item():.6g}")
+    if seen < 3:
+        errors.append(f"only {seen} tensor pieces on this rank")
+    if ref[0][0].item() == ref[0][1].item():
+        errors.append("the one-process per-tensor step sizes are all equal: the test cannot tell tensors apart")
+    return errors
 
 
 def finish(args, rank, errors) -> int:

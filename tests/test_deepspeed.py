@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 (2 CPU ranks, gloo): equal to one process, exact resume, refusals."""
+"""DeepSpeed ZeRO-1/2/3 (2 CPU ranks, gloo), every granularity: equal to one process, exact resume, refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _proc import ENV, rank_reports, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("ds_worker.py")
-CASES = [(1, "tensor", False)] + [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "element")]
+CASES = [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "tensor", "element")]
 CASES += [(2, "block", True)]  # fused=True on flat partitions
 
 

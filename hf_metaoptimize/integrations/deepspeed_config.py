@@ -1,17 +1,15 @@
 """DeepSpeed config checks (no DeepSpeed or torch import, so they run while the arguments are parsed): configs
-that would silently replace MetaOptimize, and granularity=tensor under ZeRO."""
+that would silently replace MetaOptimize."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .optim_args import OptimArgsError
 
-
-def check_deepspeed_config(config: Any, granularity: str = "scalar") -> None:
-    """Refuse DeepSpeed configs (dict, JSON string or file) that would silently replace MetaOptimize, and
-    granularity=tensor under ZeRO (a per-tensor step size would become per-partition); while parsing arguments.
+def check_deepspeed_config(config: Any) -> None:
+    """Refuse DeepSpeed configs (dict, JSON string or file) that would silently replace MetaOptimize, while the
+    arguments are parsed.
 
     Delegates to `check_config` below (an "optimizer" section; optimizer offload
     without "zero_force_ds_cpu_optimizer": false).
@@ -33,13 +31,6 @@ def check_deepspeed_config(config: Any, granularity: str = "scalar") -> None:
             return
     if isinstance(config, dict):
         check_config(config)
-        stage = (config.get("zero_optimization") or {}).get("stage", 0)
-        if granularity == "tensor" and stage not in (0, "0", None):
-            raise OptimArgsError(
-                f"--optim_args granularity=tensor is not supported under DeepSpeed ZeRO (stage {stage}): ZeRO "
-                "flattens each param group into one partition per rank, so a per-tensor step size would silently "
-                "become per-partition. Use granularity=scalar, layer or element."
-            )
 
 
 def check_config(config: dict[str, Any], *, client_optimizer: bool = True) -> None:

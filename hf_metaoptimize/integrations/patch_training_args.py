@@ -67,7 +67,7 @@ def apply_defaults(args: Any, *, building: bool = False) -> dict[str, Any] | Non
     if not building and not is_metaoptimize(getattr(args, "optim", None)):
         return None
     spec = resolve_spec(args)  # raises OptimArgsError before anything is loaded
-    check_deepspeed_config(getattr(args, "deepspeed", None), spec["granularity"])
+    check_deepspeed_config(getattr(args, "deepspeed", None))
     _constant_schedule(args)
     base = spec["base"]
     own = dict(zip(("adam_beta1", "adam_beta2") if base != "rmsprop" else ("adam_beta2",), BASE_BETAS[base]))
