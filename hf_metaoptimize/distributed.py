@@ -1,4 +1,5 @@
-"""The one place where MetaOptimize talks across ranks.
+"""Cross-rank reductions of MetaOptimize for one process, DDP and FSDP2 (DeepSpeed ZeRO partitions: the
+strategy in :mod:`hf_metaoptimize.integrations.deepspeed`, which uses :func:`reduce_partial_sums` from here).
 
 MetaOptimize needs cross-tensor sums (the meta-gradient of a block, and the "is this step finite" flag).
 When a parameter is sharded (FSDP2 ``fully_shard`` DTensors), every rank holds part of it and the sums
@@ -16,12 +17,13 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["local_tensor", "any_dtensor", "shard_group", "reduce_partial_sums", "shutdown"]
+__all__ = ["local_tensor", "any_dtensor", "shard_group", "reduce_partial_sums", "complete_meta_grads", "shutdown"]
 
 #: Seconds ``shutdown()`` releases the GIL after destroying the process groups (see its docstring).
 DRAIN_SECONDS = 0.2
@@ -89,6 +91,22 @@ def reduce_partial_sums(vec: Tensor, mask: Tensor, groups: list[Any]) -> Tensor:
     part = vec * mask
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=groups[0])
     return part + vec * (1 - mask)
+
+
+def complete_meta_grads(zvec: Tensor, params: list[Tensor], index: Callable[[tuple, Any], Tensor]) -> Tensor:
+    """The per-param meta-gradients ``z_p = <h_p, g_p>`` (one entry per param of `params`), complete over ranks.
+
+    One process and DDP: nothing to do (DDP's gradients are already averaged; replicated params are never
+    reduced again). FSDP2: the entries of sharded params (DTensors) are rank-local partial sums; one all-reduce
+    over their shard group completes them. `index(layout, device)` builds (and caches) the 0/1 mask tensor.
+    DeepSpeed ZeRO partitions are reduced by :class:`hf_metaoptimize.integrations.deepspeed.ZeroPartitions`.
+    """
+    pgroups = [shard_group(p) for p in params]
+    if all(g is None for g in pgroups):
+        return zvec
+    distinct = list({id(g): g for g in pgroups if g is not None}.values())
+    mask = index(tuple(int(g is not None) for g in pgroups), zvec.device)
+    return reduce_partial_sums(zvec, mask, distinct)
 
 
 def shutdown(barrier: bool = True) -> None:

@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from .distributed import any_dtensor as _any_dtensor
+from .distributed import complete_meta_grads
 from .distributed import local_tensor as _local
-from .distributed import reduce_partial_sums, shard_group
 from .spec import (
     ARGUMENT_KEYS,
     BASES,
@@ -385,7 +385,8 @@ class MetaOptimize(Optimizer):
         Each entry is a float32 tensor on the parameter's device: 0-d for scalar / block / tensor
         granularity, shaped like the parameter for element granularity. A parameter that has no state yet
         reports its block's current value (or ``lr * init_multiplier``). Under DeepSpeed ZeRO the entries are the
-        rank's flat partitions of each group. No host synchronisation.
+        rank's flat partitions of each group (tensor granularity: a vector, one entry per tensor piece the partition
+        holds, in the order of ``_partitions.fragments``). No host synchronisation.
         """
         return self._step_sizes(relative=False, last=False)
 
@@ -526,7 +527,8 @@ class MetaOptimize(Optimizer):
             self._partitions.step(self, active, grads)  # integrations.deepspeed.ZeroPartitions
             return loss
         zvec, zelem = self._local_meta_grads(active, grads)
-        zvec = self._complete_sharded(active, zvec)  # FSDP2: one all-reduce completes the partial sums
+        # one process / DDP: complete already; FSDP2: one all-reduce completes the shards' partial sums
+        zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
         red, keys = self._block_sums(active, zvec)
         ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
@@ -666,16 +668,6 @@ class MetaOptimize(Optimizer):
             home = active[0][2][0].device
             zparts = [z.to(device=home, dtype=wide) for z in zparts]
         return torch.stack(zparts), zelem
-
-    def _complete_sharded(self, active: list[tuple[int, dict[str, Any], list[Tensor]]], zvec: Tensor) -> Tensor:
-        """Entries of sharded params (FSDP2 DTensors) are rank-local partial sums: one all-reduce completes them
-        (:mod:`hf_metaoptimize.distributed`); replicated params (one process, DDP) are left as they are."""
-        pgroups = [shard_group(p) for _, _, plist in active for p in plist]
-        if all(g is None for g in pgroups):
-            return zvec
-        distinct = list({id(g): g for g in pgroups if g is not None}.values())
-        mask = self._cached_index(tuple(int(g is not None) for g in pgroups), zvec.device)
-        return reduce_partial_sums(zvec, mask, distinct)
 
     def _block_sums(
         self, active: list[tuple[int, dict[str, Any], list[Tensor]]], zvec: Tensor
