@@ -2,7 +2,7 @@
 as ONE compiled elementwise kernel over many parameter tensors at a time (a horizontally fused step).
 
 The foreach path runs the step as a dozen separate passes over every parameter-sized tensor (each reads and
-writes memory). Here the per-tensor update (:func:`_kernel`, the same equations as the foreach path and the
+writes memory). Here the per-tensor update (:func:`tensor_step`, the same equations as the foreach path and the
 reference, docs/design.md) is compiled ahead of time with AOTInductor (``torch.export`` +
 ``torch._inductor.aoti_compile_and_package``: C++/OpenMP on CPU, Triton on GPU) for a chunk of ``CHUNK``
 tensors whose sizes are dynamic, so one call of a small C++ runner updates ``CHUNK`` tensors, reading params,
@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .rules import ROW, kernel_slots, tensor_step
+
 __all__ = ["CHUNK", "ROW", "fused_step", "prepare", "clear_cache", "cache_dir"]
 
 logger = logging.getLogger("hf_metaoptimize")
@@ -41,144 +43,6 @@ logger = logging.getLogger("hf_metaoptimize")
 #: Tensors per kernel call (measured: 8 -> 16 halves the dispatch cost; the compile time grows with it).
 #: ``HF_METAOPTIMIZE_FUSED_CHUNK`` overrides it (the test suite uses 2: a faster compile, the same code path).
 CHUNK = int(os.environ.get("HF_METAOPTIMIZE_FUSED_CHUNK", "16"))
-#: The per-tensor row of numbers the kernel reads: per-step values, then the group's hyper-parameters.
-ROW = (
-    "ok",  # 1.0, or 0.0 on a skipped (non-finite) step
-    "alpha",  # ok * lr * exp(log_step) * s (shared) or ok * lr * s (element: times exp(L) per weight)
-    "bc1",  # base bias correction 1 - rho^t (adamw), else 1
-    "bc2",  # sqrt(1 - lambda^t) (adamw, rmsprop), else 1
-    "mbc1",  # adam meta: 1 - b1^s, else 1
-    "mbc2",  # adam meta: sqrt(1 - b2^s), else 1
-    "gate",  # the meta step's 0/1 gate: ok, and 0 during the cooldown
-    "b1",  # base betas[0] (adamw rho, lion c, sgd rho)
-    "one_minus_b1",
-    "one_minus_b2",  # 1 - betas[-1] (adamw lambda, lion rho, rmsprop lambda)
-    "eps",
-    "kappa",  # weight decay
-    "gamma",
-    "gamma_kappa",  # gamma * kappa
-    "eta",  # meta step up
-    "eta_down",  # meta step down
-    "mb1",  # meta betas (c_bar / b1)
-    "one_minus_mb1",
-    "one_minus_mb2",
-    "meta_eps",
-    "lo",
-    "hi",
-)
-_R = {name: i for i, name in enumerate(ROW)}
-_SLOTS = ("p", "g", "trace", "exp_avg", "exp_avg_sq", "log_step", "meta_exp_avg", "meta_exp_avg_sq")
-
-
-def _kernel(
-    p: Tensor,
-    g: Tensor,
-    h: Tensor,
-    m: Tensor | None,
-    v: Tensor | None,
-    L: Tensor | None,
-    mb: Tensor | None,
-    vb: Tensor | None,
-    r: Tensor,
-    *,
-    base: str,
-    meta: str,
-    element: bool,
-    sanitize: bool,
-) -> None:
-    """One parameter tensor (flat, contiguous views), in place; `r` is its row of numbers (:data:`ROW`)."""
-    wide = h.dtype
-    ok = r[0]
-    gw = g.to(wide)
-    if sanitize:  # a skipped step reads zeros (every coefficient below is also multiplied by ok)
-        gw = torch.where(ok > 0, gw, torch.zeros_like(gw))
-    pw = p.to(wide)
-    if element:  # z = h_old * g, alpha per weight
-        z = h * gw
-        alpha = r[1] * torch.exp(L)
-    else:
-        alpha = r[1]
-    b1 = r[_R["b1"]]
-    # base rule (docs/design.md step 5): u = direction, dw = -alpha (u + kappa w)
-    if base == "adamw" or base == "rmsprop":
-        vw = v.to(wide)
-        v_new = vw * (1 - ok * r[_R["one_minus_b2"]]) + r[_R["one_minus_b2"]] * gw * gw
-        denom = torch.sqrt(v_new) / r[_R["bc2"]] + r[_R["eps"]]
-        if base == "adamw":
-            m_new = torch.lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
-            u = (m_new / r[_R["bc1"]]) / denom
-            m.copy_(m_new)
-        else:
-            u = gw / denom
-        v.copy_(v_new)
-    elif base == "sgd":
-        m_new = torch.lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
-        u = m_new
-        m.copy_(m_new)
-    else:  # lion: c = b1, rho = b2; the momentum update follows the step
-        mw = m.to(wide)
-        u = torch.sign(torch.lerp(gw, mw, b1))
-        m.copy_(torch.lerp(mw, gw, ok * r[_R["one_minus_b2"]]))
-    dw = -alpha * (u + r[_R["kappa"]] * pw)
-    disc = 1 + ok * (r[_R["gamma"]] - 1) - r[_R["gamma_kappa"]] * alpha
-    h.copy_(disc * h + dw)
-    p.copy_(pw + dw)
-    if element:  # Algorithm 3 step 4 per weight, with z from the OLD trace
-        mok = r[_R["gate"]]
-        eta, eta_down = r[_R["eta"]], r[_R["eta_down"]]
-        if meta == "lion":
-            upd = torch.sign(torch.lerp(z, mb, r[_R["mb1"]]))
-            mb.copy_(torch.lerp(mb, z, mok * r[_R["one_minus_mb2"]]))
-            rate = torch.where(upd > 0, eta_down, eta)
-            L.copy_(torch.clamp(L - (mok * rate) * upd, r[_R["lo"]], r[_R["hi"]]))
-        else:
-            mb_new = torch.lerp(mb, z, mok * r[_R["one_minus_mb1"]])
-            vb_new = vb * (1 - mok * r[_R["one_minus_mb2"]]) + r[_R["one_minus_mb2"]] * z * z * mok
-            step = (mb_new / r[_R["mbc1"]]) / (torch.sqrt(vb_new) / r[_R["mbc2"]] + r[_R["meta_eps"]])
-            mb.copy_(mb_new)
-            vb.copy_(vb_new)
-            rate = torch.where(step > 0, eta_down, eta)
-            L.copy_(torch.clamp(L - (mok * rate) * step, r[_R["lo"]], r[_R["hi"]]))
-
-
-def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
-    """The group's hyper-parameters in :data:`ROW` order (host floats, computed in float64 once)."""
-    betas = group["betas"]
-    b1, b2 = float(betas[0]), float(betas[-1])
-    mb1, mb2 = (float(b) for b in group["meta_betas"])
-    kappa, gamma = float(group["weight_decay"]), float(group["gamma"])
-    eta = float(group["meta_lr"])
-    lo, hi = group["log_step_bounds"]
-    eps = group["eps"] if group["eps"] is not None else 0.0
-    return (
-        b1,
-        1 - b1,
-        1 - b2,
-        float(eps),
-        kappa,
-        gamma,
-        gamma * kappa,
-        eta,
-        eta * float(group["meta_asymmetry"]),
-        mb1,
-        1 - mb1,
-        1 - mb2,
-        float(group["meta_eps"]),
-        float(lo),
-        float(hi),
-    )
-
-
-def _slots(base: str, element: bool, meta: str) -> tuple[str, ...]:
-    """The state tensors the kernel of this configuration reads and writes, after p and g."""
-    out = ["trace"]
-    if base in ("adamw", "lion", "sgd"):
-        out.append("exp_avg")
-    if base in ("adamw", "rmsprop"):
-        out.append("exp_avg_sq")
-    if element:
-        out += ["log_step", "meta_exp_avg"] + (["meta_exp_avg_sq"] if meta == "adam" else [])
-    return tuple(out)
 
 
 class _Chunk(torch.nn.Module):
@@ -194,7 +58,7 @@ class _Chunk(torch.nn.Module):
         width = 2 + len(self.slots)
         for i in range(CHUNK):
             item = dict(zip(("p", "g", *self.slots), flat[i * width : (i + 1) * width]))
-            _kernel(
+            tensor_step(
                 item["p"],
                 item["g"],
                 item["trace"],
@@ -247,7 +111,7 @@ def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    text = inspect.getsource(_kernel) + inspect.getsource(_Chunk) + repr(ROW) + str(CHUNK)
+    text = inspect.getsource(tensor_step) + inspect.getsource(_Chunk) + repr(ROW) + str(CHUNK)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -282,7 +146,7 @@ def _compile(config, slots, dtypes, device, path: Path) -> None:
 
 
 def _layout(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]):
-    slots = _slots(config["base"], config["element"], config["meta"])
+    slots = kernel_slots(config["base"], config["element"], config["meta"])
     dtypes = {"p": p.dtype, "g": g.dtype, **{k: st[k].dtype for k in slots}}
     key = (tuple(sorted(config.items())), tuple(str(dtypes[k]) for k in ("p", "g", *slots)), p.device.type, CHUNK)
     return slots, dtypes, key
@@ -379,11 +243,11 @@ def _flat_views(
 
 
 def _run_eager(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor], row: Tensor) -> None:
-    """`_kernel` uncompiled on one tensor (contiguous flat views; a non-contiguous tensor through a copy)."""
-    slots = _slots(config["base"], config["element"], config["meta"])
+    """`tensor_step` uncompiled on one tensor (contiguous flat views; a non-contiguous tensor through a copy)."""
+    slots = kernel_slots(config["base"], config["element"], config["meta"])
     copies: list[tuple[Tensor, Tensor]] = []
     views = dict(zip(("p", "g", *slots), _flat_views(p, g, st, slots, copies)))
-    _kernel(
+    tensor_step(
         views["p"],
         views["g"],
         views["trace"],

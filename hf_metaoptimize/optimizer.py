@@ -7,10 +7,11 @@ in :mod:`hf_metaoptimize.reference` is its line-by-line ground truth and the tes
 
 The class is bookkeeping: validation (rules and defaults in :mod:`hf_metaoptimize.spec`), lazy state
 (``_init_group``), the block layout of the meta-gradients (``_block_sums`` / ``_block_members``), checkpoint
-checks. ``step()`` reads like Algorithm 3. The math lives in module-level functions on lists of tensors:
-``_base_group_step`` (steps 2-3, every base rule, foreach or one tensor at a time; ``fused=True`` goes to
-:mod:`hf_metaoptimize._fused`) and ``_meta_step_shared`` / ``_meta_step_element`` (step 4, every meta rule).
-None of them reads a tensor value on the host.
+checks. ``step()`` reads like Algorithm 3. The math lives in :mod:`hf_metaoptimize.rules` (the per-tensor
+function and its foreach twin); ``_base_group_step`` is the one dispatcher (foreach, the per-tensor function
+eagerly for ``foreach=False``, or compiled, :mod:`hf_metaoptimize._fused`). Cross-rank reductions live in
+:mod:`hf_metaoptimize.distributed` and, for DeepSpeed ZeRO, :mod:`hf_metaoptimize.integrations.deepspeed`.
+Nothing in step() reads a tensor value on the host.
 """
 
 from __future__ import annotations
@@ -29,8 +30,18 @@ from torch.optim.optimizer import Optimizer
 from .distributed import any_dtensor as _any_dtensor
 from .distributed import complete_meta_grads
 from .distributed import local_tensor as _local
+from .rules import (
+    cooldown_scale,
+    foreach_base_step,
+    foreach_meta_step_element,
+    hyper_row,
+    meta_gate,
+    meta_step_shared,
+    wide_dtype,
+)
 from .spec import (
     ARGUMENT_KEYS,
+    BASE_MOMENTS,
     BASES,
     BLOCK_KEYS,
     DEFAULTS,
@@ -39,7 +50,6 @@ from .spec import (
     METAS,
     check_lr,
     cooldown_steps,
-    meta_rates,
     normalize_group,
 )
 
@@ -77,11 +87,6 @@ def _snapshot(group: dict[str, Any]) -> tuple:
         for k, v in group.items()
         if k not in ("params", "initial_lr") and not (k == "lr" and not isinstance(v, Tensor))
     )
-
-
-def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for low-precision params, the param dtype itself for float32/float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class MetaOptimize(Optimizer):
@@ -354,12 +359,10 @@ class MetaOptimize(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], donor: dict[str, Tensor] | None) -> None:
         state = self.state[p]
         base, meta, gran = group["base"], group["meta"], group["granularity"]
-        wide = _wide_dtype(p.dtype)
+        wide = wide_dtype(p.dtype)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if base in ("adamw", "lion", "sgd"):
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if base in ("adamw", "rmsprop"):
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for k in BASE_MOMENTS[base]:
+            state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["trace"] = torch.zeros_like(p, dtype=wide, memory_format=torch.contiguous_format)
         meta_keys = ["log_step", "meta_exp_avg"] + (["meta_exp_avg_sq", "meta_step"] if meta == "adam" else [])
         meta_keys.append("block_step")
@@ -422,7 +425,7 @@ class MetaOptimize(Optimizer):
                     ls = st["log_step"].to(device=p.device)
                     t = st["block_step"].to(device=p.device, dtype=torch.float64) + (0 if last else 1)
                 size = torch.exp(ls) * lr
-                cool = _cooldown_scale(group, t) if (last or not relative) else None
+                cool = cooldown_scale(group, t) if (last or not relative) else None
                 if cool is not None:  # the step size of the NEXT step includes its cooldown factor
                     size = size * cool.to(size.dtype)
                 row.append(size.to(torch.float32))
@@ -539,14 +542,14 @@ class MetaOptimize(Optimizer):
             self._element_meta_steps(active, zelem, ok, okf)
         else:
             for group, members, z in self._block_members(active, red, keys):
-                _meta_step_shared(self.state, group, members, z, okf)
+                meta_step_shared(self.state, group, members, z, okf)
         if ok is not None:
             counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
             torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
         return loss
 
     def _fused_on(self, group: dict[str, Any]) -> bool:
-        """Whether this group steps with the per-tensor kernel (``_fused._kernel``): compiled for ``fused=True`` or
+        """Whether this group steps with the per-tensor kernel (``_fused.tensor_step``): compiled for ``fused=True`` or
         the automatic choice (both ``fused`` and ``foreach`` left at None, made once at the first step,
         :meth:`_choose_fused`), run eagerly one tensor at a time for ``foreach=False``."""
         if group["fused"] is not None or group["foreach"] is not None:
@@ -729,7 +732,7 @@ class MetaOptimize(Optimizer):
                 for z in ze:
                     torch.nan_to_num_(z, nan=0.0, posinf=0.0, neginf=0.0)
                 torch._foreach_mul_(ze, okf.to(ze[0].dtype))
-            _meta_step_element(self.state, group, plist, ze, okf)
+            foreach_meta_step_element(self.state, group, plist, ze, okf)
 
 
 def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
@@ -815,7 +818,7 @@ def _base_group_step(
                 state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
             )
             continue
-        _base_bucket_step(
+        foreach_base_step(
             state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize, own
         )
 
@@ -836,11 +839,11 @@ def _fused_bucket_step(
     """`fused=True`: the per-step numbers of every tensor, built with a few vectorised ops, then the compiled
     chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,
     the meta step, CHUNK tensors per call."""
-    from ._fused import fused_step, hyper_row
+    from ._fused import fused_step
 
     base, betas, lr = group["base"], group["betas"], group["lr"]
     element = group["granularity"] == "element"
-    wide = _wide_dtype(dtype)
+    wide = wide_dtype(dtype)
     sts = [state[p] for p in params]
     n = len(params)
     ok = okf.to(wide)
@@ -853,12 +856,12 @@ def _fused_bucket_step(
     else:
         alpha = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
     C = torch.stack([s["block_step"] for s in sts])
-    cool = _cooldown_scale(group, C.to(torch.float64) + 1)
+    cool = cooldown_scale(group, C.to(torch.float64) + 1)
     if cool is not None:
         alpha = alpha * cool.to(wide)
     gate = okf.to(wide).expand(n)
     if element:  # the kernel does the meta step: count the block's step, gate the meta update (cooldown)
-        C, g = _meta_gate(group, C, okf)
+        C, g = meta_gate(group, C, okf)
         torch._foreach_copy_([s["block_step"] for s in sts], list(C.unbind(0)))
         gate = g.to(wide).expand(n)
     bc1 = 1 - torch.pow(betas[0], t) if base == "adamw" else one
@@ -889,306 +892,6 @@ def _fused_config(group: dict[str, Any], sanitize: bool) -> dict[str, Any]:
     """The static configuration of the compiled kernel (everything else is a number in its rows)."""
     element = group["granularity"] == "element"
     return dict(base=group["base"], meta=group["meta"] if element else "-", element=element, sanitize=sanitize)
-
-
-def _base_bucket_step(
-    state: dict[Tensor, dict[str, Tensor]],
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    okf: Tensor,
-    dtype: torch.dtype,
-    sanitize: bool,
-    own: bool | None = None,
-) -> None:
-    """The foreach base step of one (device, dtype) bucket. `own`: whether the grads are temporaries of ours that
-    may serve as workspace (default: those that are not ``p.grad``)."""
-    base = group["base"]
-    lr, kappa, gamma = group["lr"], group["weight_decay"], group["gamma"]
-    betas, eps = group["betas"], group["eps"]
-    # every tensor below is rank-local (FSDP2 DTensor -> its shard): the math is elementwise
-    sharded = _any_dtensor(params)
-    sts = [{k: _local(v) for k, v in state[p].items()} for p in params] if sharded else [state[p] for p in params]
-    # `own`: the grads are temporaries of ours (float32 copies of low-precision grads), not p.grad
-    if own is None:
-        own = all(g is not p.grad for g, p in zip(grads, params))
-    if sharded:
-        params = [_local(p) for p in params]
-    wide = _wide_dtype(dtype)
-    low = wide != dtype  # low-precision params: compute on float32 copies, write back at the end
-    # The grads as the math reads them: on a skipped step a zeroed copy (p.grad is never written). Once they
-    # are our own temporary, they double as the step's workspace.
-    if sharded:
-        grads = [_local(g) for g in grads]
-    if sanitize:
-        # ok => every grad is finite (the flag comes from their dot products): zeroing the non-finite entries
-        # and multiplying by ok gives g itself, or 0 on a skipped step. Two streaming passes are cheaper than
-        # one torch.where with a broadcast 0-d condition (measured ~2.5x slower per pass on CPU).
-        if own:
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        else:
-            grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-        torch._foreach_mul_(grads, okf.to(grads[0].dtype))
-        own = True
-
-    P = [p.to(wide) for p in params] if low else params
-    M = [s["exp_avg"] for s in sts] if "exp_avg" in sts[0] else None
-    V = [s["exp_avg_sq"] for s in sts] if "exp_avg_sq" in sts[0] else None
-    if low:
-        M = [m.to(wide) for m in M] if M is not None else None
-        V = [v.to(wide) for v in V] if V is not None else None
-    H = [s["trace"] for s in sts]
-    ok = okf.to(wide)
-
-    # A = -alpha, masked: -ok * lr * exp(log_step) * s(t); one 0-d tensor per param, or param-shaped (element)
-    cool = _cooldown_scale(group, torch.stack([s["block_step"] for s in sts]).to(torch.float64) + 1)
-    if group["granularity"] == "element":
-        A = torch._foreach_exp([s["log_step"] for s in sts])
-        torch._foreach_mul_(A, ok * (-lr))
-        if cool is not None:
-            torch._foreach_mul_(A, list(cool.to(wide).unbind(0)))
-    else:
-        Avec = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
-        if cool is not None:
-            Avec = Avec * cool.to(wide)
-        A = list(Avec.unbind(0))
-
-    steps = [s["step"] for s in sts]
-    torch._foreach_add_(steps, okf.to(torch.float32))
-
-    # base rule (ALGORITHM.md table): U <- dw without weight decay = -alpha * direction
-    if base in ("adamw", "rmsprop"):
-        b2 = betas[-1]
-        if base == "adamw":
-            torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
-        torch._foreach_mul_(V, 1 - ok * (1 - b2))
-        torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
-        t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
-        if own and base == "adamw":  # the grads' temporary copy doubles as the workspace
-            U = grads
-            for v, u in zip(V, U):
-                torch.sqrt(v, out=u)
-        else:
-            U = torch._foreach_sqrt(V)  # the step's one temporary list
-        # m_hat / (sqrt(v_hat) + eps) = (m / (sqrt(v) + eps * b)) * b / bc1 with b = sqrt(1 - lam^t): the
-        # bias correction of v moves into the per-tensor scale, saving a pass over every weight
-        torch._foreach_add_(U, list((eps * bc2_sqrt).unbind(0)))
-        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v) + eps * b)
-        scale = bc2_sqrt if base == "rmsprop" else bc2_sqrt / (1 - torch.pow(betas[0], t)).to(wide)
-        if group["granularity"] == "element":
-            torch._foreach_mul_(U, A)
-            torch._foreach_mul_(U, list(scale.unbind(0)))
-        else:
-            torch._foreach_mul_(U, list((Avec * scale).unbind(0)))
-    elif base == "sgd":
-        torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
-        U = torch._foreach_mul(M, A)
-    else:  # lion
-        c, rho = betas
-        U = torch._foreach_lerp(grads, M, c)  # c*m + (1-c)*g
-        torch._foreach_sign_(U)
-        torch._foreach_mul_(U, A)
-        torch._foreach_lerp_(M, grads, ok * (1 - rho))
-    if kappa != 0:
-        # decoupled weight decay is part of the displacement: dw += -alpha * kappa * w
-        torch._foreach_addcmul_(U, P, A, value=kappa)
-
-    # trace discount gamma * (1 - kappa * alpha); exactly 1 on a skipped step (alpha = 0, ok = 0):
-    # with A = -ok * alpha it is c0 + gamma * kappa * A, c0 = 1 + ok * (gamma - 1). A is reused in place.
-    c0 = 1 + ok * (gamma - 1)
-    if kappa != 0:
-        torch._foreach_mul_(A, gamma * kappa)
-        torch._foreach_add_(A, c0)
-        disc = A
-    else:
-        disc = None if gamma == 1.0 else [c0] * len(H)  # gamma = 1, no decay: the discount is exactly 1
-    if disc is None:
-        torch._foreach_add_(H, U)
-    else:
-        for h, u, d in zip(H, U, disc):
-            torch.addcmul(u, h, d, out=h)  # h <- disc * h + dw in one pass
-    torch._foreach_add_(P, U)  # w <- w + dw
-
-    if low:
-        torch._foreach_copy_(params, P)
-        if M is not None:
-            torch._foreach_copy_([s["exp_avg"] for s in sts], M)
-        if V is not None:
-            torch._foreach_copy_([s["exp_avg_sq"] for s in sts], V)
-
-
-def _div_into(num: list[Tensor], den: list[Tensor]) -> None:
-    """den <- num / den in place (no temporary; one rounding, like torch's addcdiv)."""
-    for n, d in zip(num, den):
-        torch.div(n, d, out=d)
-
-
-def _cooldown_scale(group: dict[str, Any], t: Tensor) -> Tensor | None:
-    """s(t) = clamp((T - t) / n_c, 0, 1) for block step counts `t` (float64), or None without a cooldown
-    (docs/design.md "Cooldown")."""
-    n_c = cooldown_steps(group)
-    if n_c == 0:
-        return None
-    return ((group["total_steps"] - t) / n_c).clamp_(0.0, 1.0)
-
-
-def _meta_gate(group: dict[str, Any], C: Tensor, okf: Tensor) -> tuple[Tensor, Tensor]:
-    """(new block step counts C + ok, the meta step's 0/1 gate): ok, and 0 during the cooldown."""
-    C = C + okf.to(C.dtype)
-    n_c = cooldown_steps(group)
-    if n_c == 0:
-        return C, okf
-    live = (C.to(torch.float64) <= group["total_steps"] - n_c).to(okf.dtype)
-    return C, okf * live
-
-
-def _rate(group: dict[str, Any], d: Tensor) -> float | Tensor:
-    """The meta step for update direction `d` (log_step -= rate * d): eta_down where the step size falls (d > 0),
-    eta_up where it grows; one number when they are equal (the paper)."""
-    up, down = meta_rates(group)
-    if up == down:
-        return up
-    return torch.full_like(d, up).masked_fill_(d > 0, down)  # exact in d's dtype
-
-
-def _meta_update(
-    L: Tensor,
-    MB: Tensor,
-    VB: Tensor | None,
-    S: Tensor | None,
-    C: Tensor,
-    z: Tensor,
-    okf: Tensor,
-    group: dict[str, Any],
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-    """One meta step on stacked log step sizes (Algorithm 3 step 4); returns the new values."""
-    lo, hi = group["log_step_bounds"]
-    b1, b2 = group["meta_betas"]
-    C, gate = _meta_gate(group, C, okf)
-    ok = gate.to(L.dtype)
-    if group["meta"] == "lion":
-        upd = torch.sign(torch.lerp(z, MB, b1))  # sign(c_bar * m_bar + (1 - c_bar) * z)
-        L = L - (_rate(group, upd) * ok) * upd
-        MB = torch.lerp(MB, z, ok * (1 - b2))
-    else:
-        S = S + gate.to(S.dtype)
-        MB = torch.lerp(MB, z, ok * (1 - b1))
-        VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z * ok
-        s = S.to(torch.float64).clamp(min=1)  # bias corrections in float64 (0.999 is not a float32)
-        m_hat = MB / (1 - torch.pow(b1, s)).to(L.dtype)
-        v_hat = VB / (1 - torch.pow(b2, s)).to(L.dtype)
-        d = m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
-        L = L - (_rate(group, d) * ok) * d
-    return L.clamp(lo, hi), MB, VB, S, C
-
-
-def _meta_step_shared(
-    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], members: list[Tensor], z: Tensor, okf: Tensor
-) -> None:
-    """Meta step for 0-d log step sizes (scalar / block / tensor): stacked, updated, written back."""
-    sts = [state[p] for p in members]
-    adam = group["meta"] == "adam"
-    Ls = [s["log_step"] for s in sts]
-    MBs = [s["meta_exp_avg"] for s in sts]
-    Cs = [s["block_step"] for s in sts]
-    dev = Ls[0].device
-    dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
-    one_device = len({t.device for t in Ls}) == 1
-
-    def stack(ts: list[Tensor], dtype: torch.dtype = dt) -> Tensor:
-        return (torch.stack(ts) if one_device else torch.stack([t.to(dev) for t in ts])).to(dtype)
-
-    L, MB, C = stack(Ls), stack(MBs), stack(Cs, torch.float32)
-    VB = stack([s["meta_exp_avg_sq"] for s in sts]) if adam else None
-    S = stack([s["meta_step"] for s in sts], torch.float32) if adam else None
-    z = z.to(device=dev, dtype=dt)
-    if z.dim() == 0:
-        z = z.expand(len(members))
-    L, MB, VB, S, C = _meta_update(L, MB, VB, S, C, z, okf.to(dev), group)
-    dst, src = Ls + MBs + Cs, list(L.unbind(0)) + list(MB.unbind(0)) + list(C.unbind(0))
-    if adam:
-        dst += [s["meta_exp_avg_sq"] for s in sts] + [s["meta_step"] for s in sts]
-        src += list(VB.unbind(0)) + list(S.unbind(0))
-    torch._foreach_copy_(dst, src)
-
-
-def _meta_step_element(
-    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], params: list[Tensor], z: list[Tensor], okf: Tensor
-) -> None:
-    """Meta step for per-weight log step sizes (element granularity), in place on foreach lists.
-
-    Same arithmetic as :func:`_meta_update`; `z` (= h * g, our temporaries) is consumed as workspace.
-    """
-    sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
-    z = [_local(t) for t in z]
-    L = [s["log_step"] for s in sts]
-    MB = [s["meta_exp_avg"] for s in sts]
-    lo, hi = group["log_step_bounds"]
-    b1, b2 = group["meta_betas"]
-    Cs = [s["block_step"] for s in sts]
-    C, gate = _meta_gate(group, torch.stack(Cs), okf)
-    torch._foreach_copy_(Cs, list(C.unbind(0)))
-    wide = L[0].dtype
-    # one 0/1 gate per tensor (its own step count decides the cooldown), or the step's flag for all
-    oks = list(gate.to(wide).unbind(0)) if gate.dim() else None
-    ok = gate.to(wide) if oks is None else None
-    up, down = meta_rates(group)
-    if group["meta"] == "adam":
-        VB = [s["meta_exp_avg_sq"] for s in sts]
-        S = [s["meta_step"] for s in sts]
-        torch._foreach_add_(S, gate.to(torch.float32) if oks is None else list(gate.to(torch.float32).unbind(0)))
-        s64 = torch.stack(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
-        bc1 = (1 - torch.pow(b1, s64)).to(wide)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(wide)
-    if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors
-        torch._foreach_mul_(z, oks)
-        okl: Any = oks
-    else:
-        okl = ok
-    if group["meta"] == "lion":
-        upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z
-        torch._foreach_sign_(upd)
-        if oks is None:
-            torch._foreach_lerp_(MB, z, ok * (1 - b2))
-        else:
-            for mb, zz, o in zip(MB, z, oks):
-                mb.lerp_(zz, o * (1 - b2))
-        _apply_rate(upd, up, down, okl)
-        torch._foreach_add_(L, upd)
-    else:
-        if oks is None:
-            torch._foreach_lerp_(MB, z, ok * (1 - b1))
-            torch._foreach_mul_(VB, 1 - ok * (1 - b2))
-        else:
-            for mb, vb, zz, o in zip(MB, VB, z, oks):
-                mb.lerp_(zz, o * (1 - b1))
-                vb.mul_(1 - o * (1 - b2))
-        torch._foreach_addcmul_(VB, z, z, value=1 - b2)
-        for v, w in zip(VB, z):
-            torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_hat) + eps
-        torch._foreach_div_(z, list(bc2_sqrt.unbind(0)))
-        torch._foreach_add_(z, group["meta_eps"])
-        _div_into(MB, z)
-        if up == down and oks is None:  # one multiply: -eta * ok / bc1
-            torch._foreach_mul_(z, list((ok * (-up) / bc1).unbind(0)))
-        else:
-            torch._foreach_div_(z, list(bc1.unbind(0)))  # z <- the direction d = m_hat / (sqrt(v_hat) + eps)
-            _apply_rate(z, up, down, okl)
-        torch._foreach_add_(L, z)
-    for t in L:
-        t.clamp_(lo, hi)
-
-
-def _apply_rate(d: list[Tensor], up: float, down: float, ok: Tensor | list[Tensor]) -> None:
-    """d <- -rate(d) * ok * d in place: the log step size falls by `down` and grows by `up` per unit of d."""
-    if up != down:
-        for t in d:
-            t.mul_(torch.full_like(t, -up).masked_fill_(t > 0, -down))
-    else:
-        torch._foreach_mul_(d, -up)
-    torch._foreach_mul_(d, ok)
 
 
 # ---------------------------------------------------------------------- checkpoint precision
@@ -1320,7 +1023,7 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
     for saved_ids, group in zip(ids, optimizer.param_groups):
         for pid, p in zip(saved_ids, group["params"]):
             for k, v in stash.get(pid, {}).items():
-                dt = torch.float32 if k in _COUNTER_KEYS else _wide_dtype(p.dtype)
+                dt = torch.float32 if k in _COUNTER_KEYS else wide_dtype(p.dtype)
                 optimizer.state[p][k] = v.detach().to(device=p.device, dtype=dt, copy=True)
     optimizer._wide_stash, optimizer._wide_stash_ids = {}, []
     counts = [st["block_step"] for st in optimizer.state.values() if isinstance(st, dict) and "block_step" in st]

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_BETAS",
     "BETAS_MEANING",
     "BASES_WITH_EPS",
+    "BASE_MOMENTS",
     "DEFAULT_META_BETAS",
     "DEFAULT_EPS",
     "PAPER_EXACT",
@@ -54,6 +55,13 @@ BETAS_MEANING: dict[str, str] = {
 }
 #: Bases whose update has an ``eps`` in the denominator.
 BASES_WITH_EPS = ("adamw", "rmsprop")
+#: The per-weight moments (state keys, shaped like the param) each base rule keeps.
+BASE_MOMENTS: dict[str, tuple[str, ...]] = {
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "lion": ("exp_avg",),
+    "sgd": ("exp_avg",),
+    "rmsprop": ("exp_avg_sq",),
+}
 #: Default (c_bar, rho_bar) of the lion meta rule and (beta1, beta2) of the adam meta rule.
 DEFAULT_META_BETAS: dict[str, tuple[float, float]] = {"lion": (0.9, 0.99), "adam": (0.9, 0.999)}
 DEFAULT_EPS = 1e-8

@@ -250,6 +250,25 @@ def test_the_reference_and_the_spec_name_the_same_rules():
     assert reference._GRANULARITIES == spec.GRANULARITIES
     assert reference._BASES_WITH_EPS == spec.BASES_WITH_EPS
     assert set(reference._BLOCK_KEYS) == set(spec.BLOCK_KEYS)
+    for key, bases in (("exp_avg", reference._BASES_WITH_EXP_AVG), ("exp_avg_sq", reference._BASES_WITH_EXP_AVG_SQ)):
+        assert bases == tuple(b for b in spec.BASES if key in spec.BASE_MOMENTS[b])
+
+
+def test_every_path_keeps_the_spec_moments():
+    """The optimizer's state and the per-tensor function's slots hold each base's moments, from spec.BASE_MOMENTS."""
+    import torch
+
+    from hf_metaoptimize import MetaOptimize
+    from hf_metaoptimize.rules import kernel_slots
+
+    for base in spec.BASES:
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = MetaOptimize([p], lr=1e-3, base=base)
+        p.grad = torch.ones(3)
+        opt.step()
+        moments = {k for k in opt.state[p] if opt.state[p][k].shape == p.shape} - {"trace"}
+        assert moments == set(spec.BASE_MOMENTS[base])
+        assert set(kernel_slots(base, False, "lion")) == {"trace", *spec.BASE_MOMENTS[base]}
 
 
 def test_one_default_everywhere():

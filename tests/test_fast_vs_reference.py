@@ -83,7 +83,7 @@ def test_fast_matches_reference_float64(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_per_tensor_kernel_matches_reference_float64(case):
-    """foreach=False runs the per-tensor pure function (hf_metaoptimize._fused._kernel) eagerly: the ground truth
+    """foreach=False runs the per-tensor pure function (hf_metaoptimize.rules.tensor_step) eagerly: the ground truth
     of the compiled path, on the whole table."""
     pair = run_pair(case, steps=STEPS, dtype=torch.float64, fast_cls=functools.partial(fast_class(), foreach=False))
     assert_params_close(pair, rtol=1e-9, atol=1e-12)

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import reduce_partial_sums
-from ..optimizer import MetaOptimize, _base_group_step, _merge_groups, _meta_step_shared
+from ..optimizer import MetaOptimize, _base_group_step, _merge_groups
+from ..rules import meta_step_shared
 from .deepspeed_config import check_config
 
 __all__ = ["attach", "initialize", "check_config", "ZeroPartitions", "SUPPORTED"]
@@ -203,7 +204,7 @@ class ZeroPartitions:
                         if opt.state.get(t):
                             by_group.setdefault(gi, []).append(t)
                     for gi, ml in by_group.items():
-                        _meta_step_shared(opt.state, opt._all_groups[gi], ml, zb, okf)
+                        meta_step_shared(opt.state, opt._all_groups[gi], ml, zb, okf)
         _count_skip(opt, plist_all, ok, okf)
 
     def _tensor_step(self, opt: MetaOptimize, group: dict[str, Any], t: Tensor, g: Tensor) -> None:
@@ -234,7 +235,7 @@ class ZeroPartitions:
             z = torch.where(ok, z, torch.zeros_like(z))
         if views:
             _base_group_step(pseudo, group, views, gviews, okf, ok is not None, opt._fused_on(group), own=False)
-            _meta_step_shared(pseudo, group, views, z, okf)
+            meta_step_shared(pseudo, group, views, z, okf)
         _count_skip(opt, [t], ok, okf)
 
 

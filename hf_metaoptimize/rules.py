@@ -1,0 +1,471 @@
+"""The math of MetaOptimize: every rule as small functions on tensors, apart from all bookkeeping.
+
+Two implementations of the same equations (docs/design.md; the float64 :mod:`hf_metaoptimize.reference` is
+their ground truth and the tests hold both to it on the whole case table), side by side as in torch's
+``adam.py`` (``_single_tensor_adam`` / ``_multi_tensor_adam``):
+
+- :func:`tensor_step`: ONE parameter tensor, a pure per-tensor function whose every coefficient is a number in
+  its row (:data:`ROW`): the base step (every base rule), the trace and, for element granularity, the meta step.
+  It runs eagerly, one tensor at a time, for ``foreach=False``, and compiled over chunks of tensors for the fused
+  path (:mod:`hf_metaoptimize._fused`).
+- :func:`foreach_base_step` and :func:`foreach_meta_step_element`: the same steps on lists of tensors with
+  ``torch._foreach_*`` kernels, in place (the default below the compiled step's size threshold and wherever
+  nothing compiles).
+- :func:`meta_update` / :func:`meta_step_shared`: the meta step of scalar / block / tensor granularity, on the
+  stacked 0-d log step sizes (every path).
+
+A new base rule is a name (and its state, betas, eps) in :mod:`hf_metaoptimize.spec`, a branch in
+:func:`tensor_step` and its foreach twin in :func:`foreach_base_step` here, and its line in the reference. None
+of these functions reads a tensor value on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .distributed import any_dtensor as _any_dtensor
+from .distributed import local_tensor as _local
+from .spec import BASE_MOMENTS, cooldown_steps, meta_rates
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for low-precision params, the param dtype itself for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+#: The per-tensor row of numbers the kernel reads: per-step values, then the group's hyper-parameters.
+ROW = (
+    "ok",  # 1.0, or 0.0 on a skipped (non-finite) step
+    "alpha",  # ok * lr * exp(log_step) * s (shared) or ok * lr * s (element: times exp(L) per weight)
+    "bc1",  # base bias correction 1 - rho^t (adamw), else 1
+    "bc2",  # sqrt(1 - lambda^t) (adamw, rmsprop), else 1
+    "mbc1",  # adam meta: 1 - b1^s, else 1
+    "mbc2",  # adam meta: sqrt(1 - b2^s), else 1
+    "gate",  # the meta step's 0/1 gate: ok, and 0 during the cooldown
+    "b1",  # base betas[0] (adamw rho, lion c, sgd rho)
+    "one_minus_b1",
+    "one_minus_b2",  # 1 - betas[-1] (adamw lambda, lion rho, rmsprop lambda)
+    "eps",
+    "kappa",  # weight decay
+    "gamma",
+    "gamma_kappa",  # gamma * kappa
+    "eta",  # meta step up
+    "eta_down",  # meta step down
+    "mb1",  # meta betas (c_bar / b1)
+    "one_minus_mb1",
+    "one_minus_mb2",
+    "meta_eps",
+    "lo",
+    "hi",
+)
+_R = {name: i for i, name in enumerate(ROW)}
+
+
+def tensor_step(
+    p: Tensor,
+    g: Tensor,
+    h: Tensor,
+    m: Tensor | None,
+    v: Tensor | None,
+    L: Tensor | None,
+    mb: Tensor | None,
+    vb: Tensor | None,
+    r: Tensor,
+    *,
+    base: str,
+    meta: str,
+    element: bool,
+    sanitize: bool,
+) -> None:
+    """One parameter tensor (flat, contiguous views), in place; `r` is its row of numbers (:data:`ROW`)."""
+    wide = h.dtype
+    ok = r[0]
+    gw = g.to(wide)
+    if sanitize:  # a skipped step reads zeros (every coefficient below is also multiplied by ok)
+        gw = torch.where(ok > 0, gw, torch.zeros_like(gw))
+    pw = p.to(wide)
+    if element:  # z = h_old * g, alpha per weight
+        z = h * gw
+        alpha = r[1] * torch.exp(L)
+    else:
+        alpha = r[1]
+    b1 = r[_R["b1"]]
+    # base rule (docs/design.md step 5): u = direction, dw = -alpha (u + kappa w)
+    if base == "adamw" or base == "rmsprop":
+        vw = v.to(wide)
+        v_new = vw * (1 - ok * r[_R["one_minus_b2"]]) + r[_R["one_minus_b2"]] * gw * gw
+        denom = torch.sqrt(v_new) / r[_R["bc2"]] + r[_R["eps"]]
+        if base == "adamw":
+            m_new = torch.lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
+            u = (m_new / r[_R["bc1"]]) / denom
+            m.copy_(m_new)
+        else:
+            u = gw / denom
+        v.copy_(v_new)
+    elif base == "sgd":
+        m_new = torch.lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
+        u = m_new
+        m.copy_(m_new)
+    else:  # lion: c = b1, rho = b2; the momentum update follows the step
+        mw = m.to(wide)
+        u = torch.sign(torch.lerp(gw, mw, b1))
+        m.copy_(torch.lerp(mw, gw, ok * r[_R["one_minus_b2"]]))
+    dw = -alpha * (u + r[_R["kappa"]] * pw)
+    disc = 1 + ok * (r[_R["gamma"]] - 1) - r[_R["gamma_kappa"]] * alpha
+    h.copy_(disc * h + dw)
+    p.copy_(pw + dw)
+    if element:  # Algorithm 3 step 4 per weight, with z from the OLD trace
+        mok = r[_R["gate"]]
+        eta, eta_down = r[_R["eta"]], r[_R["eta_down"]]
+        if meta == "lion":
+            upd = torch.sign(torch.lerp(z, mb, r[_R["mb1"]]))
+            mb.copy_(torch.lerp(mb, z, mok * r[_R["one_minus_mb2"]]))
+            rate = torch.where(upd > 0, eta_down, eta)
+            L.copy_(torch.clamp(L - (mok * rate) * upd, r[_R["lo"]], r[_R["hi"]]))
+        else:
+            mb_new = torch.lerp(mb, z, mok * r[_R["one_minus_mb1"]])
+            vb_new = vb * (1 - mok * r[_R["one_minus_mb2"]]) + r[_R["one_minus_mb2"]] * z * z * mok
+            step = (mb_new / r[_R["mbc1"]]) / (torch.sqrt(vb_new) / r[_R["mbc2"]] + r[_R["meta_eps"]])
+            mb.copy_(mb_new)
+            vb.copy_(vb_new)
+            rate = torch.where(step > 0, eta_down, eta)
+            L.copy_(torch.clamp(L - (mok * rate) * step, r[_R["lo"]], r[_R["hi"]]))
+
+
+def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
+    """The group's hyper-parameters in :data:`ROW` order (host floats, computed in float64 once)."""
+    betas = group["betas"]
+    b1, b2 = float(betas[0]), float(betas[-1])
+    mb1, mb2 = (float(b) for b in group["meta_betas"])
+    kappa, gamma = float(group["weight_decay"]), float(group["gamma"])
+    eta = float(group["meta_lr"])
+    lo, hi = group["log_step_bounds"]
+    eps = group["eps"] if group["eps"] is not None else 0.0
+    return (
+        b1,
+        1 - b1,
+        1 - b2,
+        float(eps),
+        kappa,
+        gamma,
+        gamma * kappa,
+        eta,
+        eta * float(group["meta_asymmetry"]),
+        mb1,
+        1 - mb1,
+        1 - mb2,
+        float(group["meta_eps"]),
+        float(lo),
+        float(hi),
+    )
+
+
+def kernel_slots(base: str, element: bool, meta: str) -> tuple[str, ...]:
+    """The state tensors the kernel of this configuration reads and writes, after p and g."""
+    out = ["trace", *BASE_MOMENTS[base]]
+    if element:
+        out += ["log_step", "meta_exp_avg"] + (["meta_exp_avg_sq"] if meta == "adam" else [])
+    return tuple(out)
+
+
+def foreach_base_step(
+    state: dict[Tensor, dict[str, Tensor]],
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    okf: Tensor,
+    dtype: torch.dtype,
+    sanitize: bool,
+    own: bool | None = None,
+) -> None:
+    """The foreach base step of one (device, dtype) bucket. `own`: whether the grads are temporaries of ours that
+    may serve as workspace (default: those that are not ``p.grad``)."""
+    base = group["base"]
+    lr, kappa, gamma = group["lr"], group["weight_decay"], group["gamma"]
+    betas, eps = group["betas"], group["eps"]
+    # every tensor below is rank-local (FSDP2 DTensor -> its shard): the math is elementwise
+    sharded = _any_dtensor(params)
+    sts = [{k: _local(v) for k, v in state[p].items()} for p in params] if sharded else [state[p] for p in params]
+    # `own`: the grads are temporaries of ours (float32 copies of low-precision grads), not p.grad
+    if own is None:
+        own = all(g is not p.grad for g, p in zip(grads, params))
+    if sharded:
+        params = [_local(p) for p in params]
+    wide = wide_dtype(dtype)
+    low = wide != dtype  # low-precision params: compute on float32 copies, write back at the end
+    # The grads as the math reads them: on a skipped step a zeroed copy (p.grad is never written). Once they
+    # are our own temporary, they double as the step's workspace.
+    if sharded:
+        grads = [_local(g) for g in grads]
+    if sanitize:
+        # ok => every grad is finite (the flag comes from their dot products): zeroing the non-finite entries
+        # and multiplying by ok gives g itself, or 0 on a skipped step. Two streaming passes are cheaper than
+        # one torch.where with a broadcast 0-d condition (measured ~2.5x slower per pass on CPU).
+        if own:
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+        torch._foreach_mul_(grads, okf.to(grads[0].dtype))
+        own = True
+
+    P = [p.to(wide) for p in params] if low else params
+    M = [s["exp_avg"] for s in sts] if "exp_avg" in sts[0] else None
+    V = [s["exp_avg_sq"] for s in sts] if "exp_avg_sq" in sts[0] else None
+    if low:
+        M = [m.to(wide) for m in M] if M is not None else None
+        V = [v.to(wide) for v in V] if V is not None else None
+    H = [s["trace"] for s in sts]
+    ok = okf.to(wide)
+
+    # A = -alpha, masked: -ok * lr * exp(log_step) * s(t); one 0-d tensor per param, or param-shaped (element)
+    cool = cooldown_scale(group, torch.stack([s["block_step"] for s in sts]).to(torch.float64) + 1)
+    if group["granularity"] == "element":
+        A = torch._foreach_exp([s["log_step"] for s in sts])
+        torch._foreach_mul_(A, ok * (-lr))
+        if cool is not None:
+            torch._foreach_mul_(A, list(cool.to(wide).unbind(0)))
+    else:
+        Avec = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
+        if cool is not None:
+            Avec = Avec * cool.to(wide)
+        A = list(Avec.unbind(0))
+
+    steps = [s["step"] for s in sts]
+    torch._foreach_add_(steps, okf.to(torch.float32))
+
+    # base rule (ALGORITHM.md table): U <- dw without weight decay = -alpha * direction
+    if base in ("adamw", "rmsprop"):
+        b2 = betas[-1]
+        if base == "adamw":
+            torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
+        torch._foreach_mul_(V, 1 - ok * (1 - b2))
+        torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
+        t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
+        if own and base == "adamw":  # the grads' temporary copy doubles as the workspace
+            U = grads
+            for v, u in zip(V, U):
+                torch.sqrt(v, out=u)
+        else:
+            U = torch._foreach_sqrt(V)  # the step's one temporary list
+        # m_hat / (sqrt(v_hat) + eps) = (m / (sqrt(v) + eps * b)) * b / bc1 with b = sqrt(1 - lam^t): the
+        # bias correction of v moves into the per-tensor scale, saving a pass over every weight
+        torch._foreach_add_(U, list((eps * bc2_sqrt).unbind(0)))
+        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v) + eps * b)
+        scale = bc2_sqrt if base == "rmsprop" else bc2_sqrt / (1 - torch.pow(betas[0], t)).to(wide)
+        if group["granularity"] == "element":
+            torch._foreach_mul_(U, A)
+            torch._foreach_mul_(U, list(scale.unbind(0)))
+        else:
+            torch._foreach_mul_(U, list((Avec * scale).unbind(0)))
+    elif base == "sgd":
+        torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
+        U = torch._foreach_mul(M, A)
+    else:  # lion
+        c, rho = betas
+        U = torch._foreach_lerp(grads, M, c)  # c*m + (1-c)*g
+        torch._foreach_sign_(U)
+        torch._foreach_mul_(U, A)
+        torch._foreach_lerp_(M, grads, ok * (1 - rho))
+    if kappa != 0:
+        # decoupled weight decay is part of the displacement: dw += -alpha * kappa * w
+        torch._foreach_addcmul_(U, P, A, value=kappa)
+
+    # trace discount gamma * (1 - kappa * alpha); exactly 1 on a skipped step (alpha = 0, ok = 0):
+    # with A = -ok * alpha it is c0 + gamma * kappa * A, c0 = 1 + ok * (gamma - 1). A is reused in place.
+    c0 = 1 + ok * (gamma - 1)
+    if kappa != 0:
+        torch._foreach_mul_(A, gamma * kappa)
+        torch._foreach_add_(A, c0)
+        disc = A
+    else:
+        disc = None if gamma == 1.0 else [c0] * len(H)  # gamma = 1, no decay: the discount is exactly 1
+    if disc is None:
+        torch._foreach_add_(H, U)
+    else:
+        for h, u, d in zip(H, U, disc):
+            torch.addcmul(u, h, d, out=h)  # h <- disc * h + dw in one pass
+    torch._foreach_add_(P, U)  # w <- w + dw
+
+    if low:
+        torch._foreach_copy_(params, P)
+        if M is not None:
+            torch._foreach_copy_([s["exp_avg"] for s in sts], M)
+        if V is not None:
+            torch._foreach_copy_([s["exp_avg_sq"] for s in sts], V)
+
+
+def _div_into(num: list[Tensor], den: list[Tensor]) -> None:
+    """den <- num / den in place (no temporary; one rounding, like torch's addcdiv)."""
+    for n, d in zip(num, den):
+        torch.div(n, d, out=d)
+
+
+def cooldown_scale(group: dict[str, Any], t: Tensor) -> Tensor | None:
+    """s(t) = clamp((T - t) / n_c, 0, 1) for block step counts `t` (float64), or None without a cooldown
+    (docs/design.md "Cooldown")."""
+    n_c = cooldown_steps(group)
+    if n_c == 0:
+        return None
+    return ((group["total_steps"] - t) / n_c).clamp_(0.0, 1.0)
+
+
+def meta_gate(group: dict[str, Any], C: Tensor, okf: Tensor) -> tuple[Tensor, Tensor]:
+    """(new block step counts C + ok, the meta step's 0/1 gate): ok, and 0 during the cooldown."""
+    C = C + okf.to(C.dtype)
+    n_c = cooldown_steps(group)
+    if n_c == 0:
+        return C, okf
+    live = (C.to(torch.float64) <= group["total_steps"] - n_c).to(okf.dtype)
+    return C, okf * live
+
+
+def _rate(group: dict[str, Any], d: Tensor) -> float | Tensor:
+    """The meta step for update direction `d` (log_step -= rate * d): eta_down where the step size falls (d > 0),
+    eta_up where it grows; one number when they are equal (the paper)."""
+    up, down = meta_rates(group)
+    if up == down:
+        return up
+    return torch.full_like(d, up).masked_fill_(d > 0, down)  # exact in d's dtype
+
+
+def meta_update(
+    L: Tensor,
+    MB: Tensor,
+    VB: Tensor | None,
+    S: Tensor | None,
+    C: Tensor,
+    z: Tensor,
+    okf: Tensor,
+    group: dict[str, Any],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """One meta step on stacked log step sizes (Algorithm 3 step 4); returns the new values."""
+    lo, hi = group["log_step_bounds"]
+    b1, b2 = group["meta_betas"]
+    C, gate = meta_gate(group, C, okf)
+    ok = gate.to(L.dtype)
+    if group["meta"] == "lion":
+        upd = torch.sign(torch.lerp(z, MB, b1))  # sign(c_bar * m_bar + (1 - c_bar) * z)
+        L = L - (_rate(group, upd) * ok) * upd
+        MB = torch.lerp(MB, z, ok * (1 - b2))
+    else:
+        S = S + gate.to(S.dtype)
+        MB = torch.lerp(MB, z, ok * (1 - b1))
+        VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z * ok
+        s = S.to(torch.float64).clamp(min=1)  # bias corrections in float64 (0.999 is not a float32)
+        m_hat = MB / (1 - torch.pow(b1, s)).to(L.dtype)
+        v_hat = VB / (1 - torch.pow(b2, s)).to(L.dtype)
+        d = m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
+        L = L - (_rate(group, d) * ok) * d
+    return L.clamp(lo, hi), MB, VB, S, C
+
+
+def meta_step_shared(
+    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], members: list[Tensor], z: Tensor, okf: Tensor
+) -> None:
+    """Meta step for 0-d log step sizes (scalar / block / tensor): stacked, updated, written back."""
+    sts = [state[p] for p in members]
+    adam = group["meta"] == "adam"
+    Ls = [s["log_step"] for s in sts]
+    MBs = [s["meta_exp_avg"] for s in sts]
+    Cs = [s["block_step"] for s in sts]
+    dev = Ls[0].device
+    dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
+    one_device = len({t.device for t in Ls}) == 1
+
+    def stack(ts: list[Tensor], dtype: torch.dtype = dt) -> Tensor:
+        return (torch.stack(ts) if one_device else torch.stack([t.to(dev) for t in ts])).to(dtype)
+
+    L, MB, C = stack(Ls), stack(MBs), stack(Cs, torch.float32)
+    VB = stack([s["meta_exp_avg_sq"] for s in sts]) if adam else None
+    S = stack([s["meta_step"] for s in sts], torch.float32) if adam else None
+    z = z.to(device=dev, dtype=dt)
+    if z.dim() == 0:
+        z = z.expand(len(members))
+    L, MB, VB, S, C = meta_update(L, MB, VB, S, C, z, okf.to(dev), group)
+    dst, src = Ls + MBs + Cs, list(L.unbind(0)) + list(MB.unbind(0)) + list(C.unbind(0))
+    if adam:
+        dst += [s["meta_exp_avg_sq"] for s in sts] + [s["meta_step"] for s in sts]
+        src += list(VB.unbind(0)) + list(S.unbind(0))
+    torch._foreach_copy_(dst, src)
+
+
+def foreach_meta_step_element(
+    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], params: list[Tensor], z: list[Tensor], okf: Tensor
+) -> None:
+    """Meta step for per-weight log step sizes (element granularity), in place on foreach lists.
+
+    Same arithmetic as :func:`meta_update`; `z` (= h * g, our temporaries) is consumed as workspace.
+    """
+    sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
+    z = [_local(t) for t in z]
+    L = [s["log_step"] for s in sts]
+    MB = [s["meta_exp_avg"] for s in sts]
+    lo, hi = group["log_step_bounds"]
+    b1, b2 = group["meta_betas"]
+    Cs = [s["block_step"] for s in sts]
+    C, gate = meta_gate(group, torch.stack(Cs), okf)
+    torch._foreach_copy_(Cs, list(C.unbind(0)))
+    wide = L[0].dtype
+    # one 0/1 gate per tensor (its own step count decides the cooldown), or the step's flag for all
+    oks = list(gate.to(wide).unbind(0)) if gate.dim() else None
+    ok = gate.to(wide) if oks is None else None
+    up, down = meta_rates(group)
+    if group["meta"] == "adam":
+        VB = [s["meta_exp_avg_sq"] for s in sts]
+        S = [s["meta_step"] for s in sts]
+        torch._foreach_add_(S, gate.to(torch.float32) if oks is None else list(gate.to(torch.float32).unbind(0)))
+        s64 = torch.stack(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
+        bc1 = (1 - torch.pow(b1, s64)).to(wide)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(wide)
+    if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors
+        torch._foreach_mul_(z, oks)
+        okl: Any = oks
+    else:
+        okl = ok
+    if group["meta"] == "lion":
+        upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z
+        torch._foreach_sign_(upd)
+        if oks is None:
+            torch._foreach_lerp_(MB, z, ok * (1 - b2))
+        else:
+            for mb, zz, o in zip(MB, z, oks):
+                mb.lerp_(zz, o * (1 - b2))
+        _apply_rate(upd, up, down, okl)
+        torch._foreach_add_(L, upd)
+    else:
+        if oks is None:
+            torch._foreach_lerp_(MB, z, ok * (1 - b1))
+            torch._foreach_mul_(VB, 1 - ok * (1 - b2))
+        else:
+            for mb, vb, zz, o in zip(MB, VB, z, oks):
+                mb.lerp_(zz, o * (1 - b1))
+                vb.mul_(1 - o * (1 - b2))
+        torch._foreach_addcmul_(VB, z, z, value=1 - b2)
+        for v, w in zip(VB, z):
+            torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_hat) + eps
+        torch._foreach_div_(z, list(bc2_sqrt.unbind(0)))
+        torch._foreach_add_(z, group["meta_eps"])
+        _div_into(MB, z)
+        if up == down and oks is None:  # one multiply: -eta * ok / bc1
+            torch._foreach_mul_(z, list((ok * (-up) / bc1).unbind(0)))
+        else:
+            torch._foreach_div_(z, list(bc1.unbind(0)))  # z <- the direction d = m_hat / (sqrt(v_hat) + eps)
+            _apply_rate(z, up, down, okl)
+        torch._foreach_add_(L, z)
+    for t in L:
+        t.clamp_(lo, hi)
+
+
+def _apply_rate(d: list[Tensor], up: float, down: float, ok: Tensor | list[Tensor]) -> None:
+    """d <- -rate(d) * ok * d in place: the log step size falls by `down` and grows by `up` per unit of d."""
+    if up != down:
+        for t in d:
+            t.mul_(torch.full_like(t, -up).masked_fill_(t > 0, -down))
+    else:
+        torch._foreach_mul_(d, -up)
+    torch._foreach_mul_(d, ok)
