@@ -9,6 +9,7 @@ written from the paper, apart from everything else); a test asserts that the two
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "ARGUMENT_KEYS",
     "SCHEDULE_KEYS",
     "BLOCK_KEYS",
+    "Range",
+    "RANGES",
     "normalize_group",
     "check_lr",
     "meta_rates",
@@ -136,21 +139,74 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric hyper-parameter may take: finite numbers between ``lo`` and ``hi`` (each end closed
+    unless marked open; an infinite end is no bound)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: Any) -> bool:
+        if not _is_number(v) or not math.isfinite(v):  # bool, str, None, NaN, inf: never
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    @property
+    def text(self) -> str:
+        """The range as a person writes it: ``>= 0``, ``> 0``, ``<= 0``, ``in [0, 1)``."""
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        if self.lo == -math.inf:
+            return f"{'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}"
+
+
+#: The allowed range of every numeric hyper-parameter: the one source of the rules that
+#: :func:`normalize_group` enforces and that the ``--optim_args`` schema
+#: (:mod:`hf_metaoptimize.integrations.optim_args`) states and checks while the arguments are parsed.
+RANGES: dict[str, Range] = {
+    "lr": Range(0.0),
+    "meta_lr": Range(0.0),
+    "meta_asymmetry": Range(0.0, lo_open=True),
+    "init_multiplier": Range(0.0, lo_open=True),  # and log(init_multiplier) inside log_step_bounds
+    "total_steps": Range(1.0),  # a whole number
+    "cooldown": Range(0.0, 1.0),
+    "gamma": Range(0.0, 1.0),
+    "weight_decay": Range(0.0),
+    "betas": Range(0.0, 1.0, hi_open=True),  # every coefficient
+    "eps": Range(0.0),
+    "meta_betas": Range(0.0, 1.0, hi_open=True),  # every coefficient
+    "meta_eps": Range(0.0),
+    "meta_eps_adam": Range(0.0, lo_open=True),  # meta='adam' divides by sqrt(v) + meta_eps, and v is 0 at first
+    "log_step_min": Range(hi=0.0),  # log_step_bounds[0]
+    "log_step_max": Range(lo=0.0),  # log_step_bounds[1]
+}
+
+
 def check_lr(lr: Any, where: str) -> None:
     """``lr`` is a finite number >= 0, or a one-element tensor holding one (read once, at validation time)."""
+    rule = f"the initial step size must be a finite number {RANGES['lr'].text}"
     if hasattr(lr, "numel") and hasattr(lr, "item"):  # a tensor, without importing torch
         if lr.numel() != 1:
             raise ValueError(f"{where}: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
         if lr.is_complex() or not lr.is_floating_point():
             raise ValueError(f"{where}: a Tensor lr must be a real floating-point tensor, got dtype {lr.dtype}")
         value = float(lr.detach().reshape(()).item())
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"{where}: invalid lr=tensor({value!r}); the initial step size must be a finite number >= 0"
-            )
+        if not RANGES["lr"].contains(value):
+            raise ValueError(f"{where}: invalid lr=tensor({value!r}); {rule}")
         return
-    if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{where}: invalid lr={lr!r}; the initial step size must be a finite number >= 0")
+    if not RANGES["lr"].contains(lr):
+        raise ValueError(f"{where}: invalid lr={lr!r}; {rule}")
 
 
 def normalize_group(group: dict[str, Any], where: str) -> None:
@@ -175,37 +231,33 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
     base, meta = group["base"], group["meta"]
     check_lr(group["lr"], where)
 
-    def nonneg(key: str, upper: float | None = None) -> None:
+    def number(key: str, why: str = "") -> None:
         val = group[key]
-        if not _is_number(val) or not math.isfinite(val) or val < 0:
-            raise ValueError(f"{where}: invalid {key}={val!r}; expected a finite number >= 0")
-        if upper is not None and val > upper:
-            raise ValueError(f"{where}: invalid {key}={val!r}; expected a value in [0, {upper}]")
+        if not RANGES[key].contains(val):
+            raise ValueError(f"{where}: invalid {key}={val!r}; expected a finite number {RANGES[key].text}{why}")
 
-    nonneg("meta_lr")
-    asym = group["meta_asymmetry"]
-    if not _is_number(asym) or not math.isfinite(asym) or asym <= 0:
-        raise ValueError(
-            f"{where}: invalid meta_asymmetry={asym!r}; expected a finite number > 0 (how many times faster the "
-            "log step size falls than it grows: 1 is the paper's symmetric rule, the default is "
-            f"{DEFAULTS['meta_asymmetry']})"
-        )
-    group["meta_asymmetry"] = float(asym)
+    number("meta_lr")
+    number(
+        "meta_asymmetry",
+        " (how many times faster the log step size falls than it grows: 1 is the paper's symmetric rule, the "
+        f"default is {DEFAULTS['meta_asymmetry']})",
+    )
+    group["meta_asymmetry"] = float(group["meta_asymmetry"])
+    number(
+        "init_multiplier",
+        " (the learned multiplier of lr at the first step; 1 is the paper's start, the default is "
+        f"{DEFAULTS['init_multiplier']})",
+    )
     init = group["init_multiplier"]
-    if not _is_number(init) or not math.isfinite(init) or init <= 0:
-        raise ValueError(
-            f"{where}: invalid init_multiplier={init!r}; expected a finite number > 0 (the learned multiplier "
-            f"of lr at the first step; 1 is the paper's start, the default is {DEFAULTS['init_multiplier']})"
-        )
     total = group["total_steps"]
-    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 1):
+    if total is not None and (not isinstance(total, int) or not RANGES["total_steps"].contains(total)):
         raise ValueError(
-            f"{where}: invalid total_steps={total!r}; expected a whole number >= 1 (the run's length in "
-            "optimizer steps, which the cooldown ends at), or None for no cooldown"
+            f"{where}: invalid total_steps={total!r}; expected a whole number {RANGES['total_steps'].text} (the "
+            "run's length in optimizer steps, which the cooldown ends at), or None for no cooldown"
         )
-    nonneg("cooldown", 1.0)
-    nonneg("gamma", 1.0)
-    nonneg("weight_decay")
+    number("cooldown", " (the final fraction of total_steps over which the step size falls to 0; 0 for none)")
+    number("gamma", " (the trace's discount; 1 for stationary training)")
+    number("weight_decay")
 
     def coeffs(key: str, value: Any, n: int, meaning: str) -> tuple[float, ...]:
         if _is_number(value) and n == 1:
@@ -213,8 +265,8 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
         if not isinstance(value, (tuple, list)) or len(value) != n:
             raise ValueError(f"{where}: invalid {key}={value!r}; expected {n} coefficient(s): {meaning}")
         for b in value:
-            if not _is_number(b) or not (0.0 <= b < 1.0):
-                raise ValueError(f"{where}: invalid {key}={value!r}; every coefficient must be in [0, 1)")
+            if not RANGES[key].contains(b):
+                raise ValueError(f"{where}: invalid {key}={value!r}; every coefficient must be {RANGES[key].text}")
         return tuple(float(b) for b in value)
 
     betas = group["betas"]
@@ -234,21 +286,19 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
 
     eps = group["eps"]
     if base in BASES_WITH_EPS:
-        eps = DEFAULT_EPS if eps is None else eps
-        if not _is_number(eps) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"{where}: invalid eps={eps!r}; expected a finite number >= 0")
-        group["eps"] = float(eps)
+        group["eps"] = DEFAULT_EPS if eps is None else eps
+        number("eps")
+        group["eps"] = float(group["eps"])
     elif eps is not None:
         raise ValueError(
             f"{where}: eps={eps!r} is not used by base={base!r}; leave it unset (eps applies to adamw, rmsprop)"
         )
+    number("meta_eps")
     me = group["meta_eps"]
-    if not _is_number(me) or not math.isfinite(me) or me < 0:
-        raise ValueError(f"{where}: invalid meta_eps={me!r}; expected a finite number >= 0")
-    if meta == "adam" and me == 0:
+    if meta == "adam" and not RANGES["meta_eps_adam"].contains(me):
         raise ValueError(
-            f"{where}: invalid meta_eps={me!r} for meta='adam'; it must be > 0 (the first meta-gradient is 0, "
-            "and 0 / (sqrt(0) + 0) is NaN); leave it at the default 1e-8"
+            f"{where}: invalid meta_eps={me!r} for meta='adam'; it must be {RANGES['meta_eps_adam'].text} (the first "
+            f"meta-gradient is 0, and 0 / (sqrt(0) + 0) is NaN); leave it at the default {DEFAULTS['meta_eps']}"
         )
     group["meta_eps"] = float(me)
 
@@ -256,11 +306,12 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
     if (
         not isinstance(bounds, (tuple, list))
         or len(bounds) != 2
-        or not all(_is_number(b) and math.isfinite(b) for b in bounds)
-        or not bounds[0] <= 0.0 <= bounds[1]
+        or not RANGES["log_step_min"].contains(bounds[0])
+        or not RANGES["log_step_max"].contains(bounds[1])
     ):
         raise ValueError(
-            f"{where}: invalid log_step_bounds={bounds!r}; expected (lo, hi) with finite lo <= 0 <= hi "
+            f"{where}: invalid log_step_bounds={bounds!r}; expected (lo, hi) with finite lo "
+            f"{RANGES['log_step_min'].text} and hi {RANGES['log_step_max'].text} "
             f"(bounds on the learned log step-size multiplier; the default is {DEFAULTS['log_step_bounds']})"
         )
     group["log_step_bounds"] = (float(bounds[0]), float(bounds[1]))

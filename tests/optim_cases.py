@@ -8,6 +8,12 @@ setting (``PAPER_EXACT``: symmetric meta step, multiplier starting at 1, no cool
 (weight decay, gamma < 1, several groups with and without
 ``"block"`` keys, per-group lr / weight decay / betas, params whose grad is None on some steps, params that
 join late, non-finite gradients, tight log_step bounds, meta_lr = 0, gamma = 0, Adam meta settings).
+Each case says which parts of the contract (tests/test_contract.py) apply to it through ``supports_*`` /
+``has_*`` properties derived from its own settings, so a flag cannot disagree with the configuration.
+
+:data:`ERROR_INPUTS` is the table of refused inputs (torch's ``ErrorOptimizerInput``): every validated
+hyper-parameter, the rules across param groups, and edits of a group that the next step must refuse, each with
+the exception and a pattern that names the bad value and the fix.
 
 :func:`run_pair` builds two identical sets of small, transformer-like params, steps
 ``hf_metaoptimize.optimizer.MetaOptimize`` and ``hf_metaoptimize.reference.MetaOptimizeReference`` on the
@@ -25,7 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hf_metaoptimize.spec import BASES, GRANULARITIES, METAS, PAPER_EXACT  # the one list of rules
+from hf_metaoptimize.spec import BASES, DEFAULTS, GRANULARITIES, METAS, PAPER_EXACT  # the one list of rules
 
 # name -> shape: a tiny transformer block, plus one 3-d tensor.
 PARAM_SHAPES: dict[str, tuple[int, ...]] = {
@@ -74,6 +80,26 @@ class OptimCase:
 
     def __repr__(self) -> str:  # used in pytest ids and failure messages
         return f"OptimCase({self.name})"
+
+    @property
+    def supports_nonfinite_skip(self) -> bool:
+        """Whether a step with a non-finite gradient is skipped (changes nothing but the nonfinite_steps counter):
+        not with ``skip_nonfinite=False``, where the NaN goes through as in torch's optimizers."""
+        return bool(self.kwargs.get("skip_nonfinite", DEFAULTS["skip_nonfinite"]))
+
+    @property
+    def has_cooldown(self) -> bool:
+        """Whether the run has a cooldown (``total_steps`` and ``cooldown`` > 0): the step size falls to 0 and the
+        meta step freezes over the last steps, a path of its own in the step and in a resumed run's clock."""
+        return self.kwargs.get("total_steps", DEFAULTS["total_steps"]) is not None and bool(
+            self.kwargs.get("cooldown", DEFAULTS["cooldown"])
+        )
+
+    def in_short_run(self, total_steps: int) -> OptimCase:
+        """The same case with its cooldown (if it has one) squeezed into a run of ``total_steps`` steps."""
+        if not self.has_cooldown:
+            return self
+        return dataclasses.replace(self, kwargs={**self.kwargs, "total_steps": total_steps})
 
 
 # the paper-exact rule at the test table's meta step size
@@ -205,6 +231,180 @@ def _variant_cases() -> list[OptimCase]:
     return cases
 
 
+@dataclasses.dataclass(frozen=True)
+class ErrorInput:
+    """A refused input: constructor kwargs on a group layout (``groups`` as in :class:`OptimCase`), or, with
+    ``edit``, a valid optimizer whose param group 0 is edited after one step: the next step must refuse it."""
+
+    name: str
+    kwargs: dict[str, Any]
+    match: str  # regex that must name the bad value and the fix
+    error: type[Exception] = ValueError
+    groups: tuple[dict[str, Any], ...] | None = None
+    edit: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"ErrorInput({self.name})"
+
+
+def _error_inputs() -> list[ErrorInput]:
+    E = ErrorInput
+    number = "expected a finite number"
+    lr_rule = "the initial step size must be a finite number >= 0"
+    two = ({"params": ("embed.weight",), "block": "x"}, {"params": ("norm.weight",), "block": "x", "meta_lr": 1e-2})
+    return [
+        E("base", dict(base="adam"), r"invalid base='adam'; choose one of 'adamw', 'lion', 'sgd', 'rmsprop'"),
+        E("meta", dict(meta="sgd"), r"invalid meta='sgd'; choose one of 'lion', 'adam'"),
+        E("granularity", dict(granularity="layer"), r"invalid granularity='layer'; choose one of 'scalar', 'block'"),
+        E("lr-negative", dict(lr=-1.0), rf"invalid lr=-1.0; {lr_rule}"),
+        E("lr-nan", dict(lr=math.nan), rf"invalid lr=nan; {lr_rule}"),
+        E("lr-inf", dict(lr=math.inf), rf"invalid lr=inf; {lr_rule}"),
+        E("lr-str", dict(lr="1e-3"), rf"invalid lr='1e-3'; {lr_rule}"),
+        E("lr-tensor-nan", dict(lr=torch.tensor(math.nan)), rf"invalid lr=tensor\(nan\); {lr_rule}"),
+        E("lr-tensor-negative", dict(lr=torch.tensor(-1.0)), rf"invalid lr=tensor\(-1.0\); {lr_rule}"),
+        E(
+            "lr-tensor-shape",
+            dict(lr=torch.tensor([1e-3, 1e-3])),
+            r"a Tensor lr must have one element, got shape \(2,\)",
+        ),
+        E(
+            "lr-tensor-int",
+            dict(lr=torch.tensor(1)),
+            r"a Tensor lr must be a real floating-point tensor, got dtype torch.int64",
+        ),
+        E("meta_lr-negative", dict(meta_lr=-1e-3), rf"invalid meta_lr=-0.001; {number} >= 0"),
+        E("meta_lr-inf", dict(meta_lr=math.inf), rf"invalid meta_lr=inf; {number} >= 0"),
+        E(
+            "meta_asymmetry-zero",
+            dict(meta_asymmetry=0.0),
+            rf"invalid meta_asymmetry=0.0; {number} > 0 \(how many times faster .* 1 is the paper's",
+        ),
+        E(
+            "init_multiplier-zero",
+            dict(init_multiplier=0.0),
+            rf"invalid init_multiplier=0.0; {number} > 0 \(the learned multiplier of lr",
+        ),
+        E(
+            "init_multiplier-outside-bounds",
+            dict(init_multiplier=1e-7),
+            r"init_multiplier=1e-07 lies outside log_step_bounds=\(-14.0, 14.0\).*widen the bounds or pick",
+        ),
+        E("total_steps-zero", dict(total_steps=0), r"invalid total_steps=0; expected a whole number >= 1 .*or None"),
+        E("total_steps-float", dict(total_steps=10.5), r"invalid total_steps=10.5; expected a whole number >= 1"),
+        E("total_steps-bool", dict(total_steps=True), r"invalid total_steps=True; expected a whole number >= 1"),
+        E("cooldown-above-one", dict(cooldown=1.5), rf"invalid cooldown=1.5; {number} in \[0, 1\]"),
+        E("cooldown-negative", dict(cooldown=-0.1), rf"invalid cooldown=-0.1; {number} in \[0, 1\]"),
+        E("gamma-above-one", dict(gamma=1.5), rf"invalid gamma=1.5; {number} in \[0, 1\]"),
+        E("gamma-negative", dict(gamma=-0.5), rf"invalid gamma=-0.5; {number} in \[0, 1\]"),
+        E("weight_decay-negative", dict(weight_decay=-0.1), rf"invalid weight_decay=-0.1; {number} >= 0"),
+        E("weight_decay-nan", dict(weight_decay=math.nan), rf"invalid weight_decay=nan; {number} >= 0"),
+        E(
+            "betas-length",
+            dict(betas=(0.9,)),
+            r"invalid betas=\(0.9,\); expected 2 coefficient\(s\): base='adamw' takes \(beta1, beta2\)",
+        ),
+        E("betas-bare-float-adamw", dict(betas=0.9), r"invalid betas=0.9; expected 2 coefficient\(s\)"),
+        E(
+            "betas-length-sgd",
+            dict(base="sgd", betas=(0.9, 0.99)),
+            r"invalid betas=\(0.9, 0.99\); expected 1 coefficient\(s\): base='sgd' takes \(momentum,\)",
+        ),
+        E("betas-one", dict(betas=(0.9, 1.0)), r"invalid betas=\(0.9, 1.0\); every coefficient must be in \[0, 1\)"),
+        E(
+            "betas-negative",
+            dict(betas=(-0.1, 0.9)),
+            r"invalid betas=\(-0.1, 0.9\); every coefficient must be in \[0, 1\)",
+        ),
+        E("eps-negative", dict(eps=-1e-8), rf"invalid eps=-1e-08; {number} >= 0"),
+        E(
+            "eps-unused-lion",
+            dict(base="lion", eps=1e-8),
+            r"eps=1e-08 is not used by base='lion'; leave it unset \(eps applies to adamw, rmsprop\)",
+        ),
+        E("eps-unused-sgd", dict(base="sgd", eps=1e-8), r"eps=1e-08 is not used by base='sgd'; leave it unset"),
+        E(
+            "meta_betas-above-one",
+            dict(meta_betas=(1.2, 0.9)),
+            r"invalid meta_betas=\(1.2, 0.9\); every coefficient must be in \[0, 1\)",
+        ),
+        E("meta_betas-length", dict(meta_betas=(0.9,)), r"invalid meta_betas=\(0.9,\); expected 2 coefficient"),
+        E("meta_eps-negative", dict(meta_eps=-1.0), rf"invalid meta_eps=-1.0; {number} >= 0"),
+        E(
+            "meta_eps-zero-adam",
+            dict(meta="adam", meta_eps=0.0),
+            r"invalid meta_eps=0.0 for meta='adam'; it must be > 0 .*leave it at the default",
+        ),
+        E(
+            "log_step_bounds-lo-positive",
+            dict(log_step_bounds=(0.5, 2.0)),
+            r"invalid log_step_bounds=\(0.5, 2.0\); expected \(lo, hi\) with finite lo <= 0 and hi >= 0",
+        ),
+        E(
+            "log_step_bounds-hi-negative",
+            dict(log_step_bounds=(-2.0, -0.5)),
+            r"invalid log_step_bounds=\(-2.0, -0.5\); expected \(lo, hi\) with finite lo <= 0 and hi >= 0",
+        ),
+        E(
+            "log_step_bounds-infinite",
+            dict(log_step_bounds=(-math.inf, 1.0)),
+            r"invalid log_step_bounds=\(-inf, 1.0\); expected \(lo, hi\) with finite lo",
+        ),
+        E(
+            "log_step_bounds-length",
+            dict(log_step_bounds=(-1.0, 0.0, 1.0)),
+            r"invalid log_step_bounds=\(-1.0, 0.0, 1.0\); expected \(lo, hi\)",
+        ),
+        E("skip_nonfinite", dict(skip_nonfinite="yes"), r"invalid skip_nonfinite='yes'; expected True or False"),
+        E("foreach", dict(foreach="yes"), r"invalid foreach='yes'; expected None, True or False"),
+        E("fused", dict(fused="auto"), r"invalid fused='auto'; expected None, True or False"),
+        E(
+            "fused-and-foreach-false",
+            dict(fused=True, foreach=False),
+            r"fused=True and foreach=False ask for two different implementations; pass one of them",
+        ),
+        # the rules across param groups
+        E(
+            "groups-differ-in-base",
+            {},
+            r"every param group must use the same 'base': group 0 has 'adamw', group 1 has 'lion'; use one "
+            "MetaOptimize per base",
+            groups=({"params": ("embed.weight",)}, {"params": ("norm.weight",), "base": "lion", "eps": None}),
+        ),
+        E(
+            "block-groups-differ-in-meta_lr",
+            dict(granularity="block"),
+            r"param groups 0 and 1 share block 'x' but differ in 'meta_lr' \(0.02 vs 0.01\); groups of one block "
+            "share one meta update",
+            groups=two,
+        ),
+        E(
+            "scalar-groups-differ-in-meta_lr",
+            dict(granularity="scalar"),
+            r"granularity='scalar' shares one step size .* group 1 sets meta_lr=0.01 .* use granularity='block' or "
+            "'tensor'",
+            groups=tuple({k: v for k, v in g.items() if k != "block"} for g in two),
+        ),
+        E(
+            "group-value",
+            {},
+            rf"param group 1: invalid gamma=2.0; {number} in \[0, 1\]",
+            groups=({"params": ("embed.weight",)}, {"params": ("norm.weight",), "gamma": 2.0}),
+        ),
+        # a group edited between steps is validated before the next step uses it
+        E("edit-gamma", {}, rf"param group 0: invalid gamma=2.0; {number} in \[0, 1\]", edit=dict(gamma=2.0)),
+        E("edit-lr-nan", {}, rf"param group 0: invalid lr=nan; {lr_rule}", edit=dict(lr=math.nan)),
+        E("edit-lr-negative-int", {}, rf"param group 0: invalid lr=-1; {lr_rule}", edit=dict(lr=-1)),
+        E(
+            "edit-betas-list",
+            {},
+            r"param group 0: invalid betas=\[0.9, 1.5\]; every coefficient must be in \[0, 1\)",
+            edit=dict(betas=[0.9, 1.5]),
+        ),
+        E("edit-base", {}, r"param group 0: invalid base='adam'; choose one of 'adamw'", edit=dict(base="adam")),
+    ]
+
+
+ERROR_INPUTS: list[ErrorInput] = _error_inputs()
 CORE_CASES: list[OptimCase] = _core_cases()
 PAPER_CASES: list[OptimCase] = _paper_cases()
 CASES: list[OptimCase] = CORE_CASES + PAPER_CASES + _variant_cases()
@@ -233,7 +433,7 @@ def make_params(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict[str, 
     }
 
 
-def make_param_groups(case: OptimCase, params: dict[str, torch.nn.Parameter]) -> list[Any]:
+def make_param_groups(case: OptimCase | ErrorInput, params: dict[str, torch.nn.Parameter]) -> list[Any]:
     if case.groups is None:
         return list(params.values())
     return [{**group, "params": [params[name] for name in group["params"]]} for group in case.groups]
@@ -266,6 +466,13 @@ def gradients(case: OptimCase, steps: int, seed: int = 0) -> list[dict[str, torc
     return out
 
 
+def set_grads(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor | None], dtype: torch.dtype) -> None:
+    """One step's gradients (from :func:`gradients`) onto the params, as copies in the params' dtype."""
+    for name, p in params.items():
+        g = grads[name]
+        p.grad = None if g is None else g.to(dtype, copy=True)  # never share a grad tensor
+
+
 def run_pair(
     case: OptimCase | dict[str, Any],
     steps: int = 60,
@@ -285,8 +492,6 @@ def run_pair(
     ref = ref_cls(make_param_groups(case, ref_params), **case.kwargs)
     for grads in gradients(case, steps, seed):
         for params, opt in ((fast_params, fast), (ref_params, ref)):
-            for name, p in params.items():
-                g = grads[name]
-                p.grad = None if g is None else g.to(dtype, copy=True)  # never share a grad tensor
+            set_grads(params, grads, dtype)
             opt.step()
     return RunPair(fast, ref, fast_params, ref_params)

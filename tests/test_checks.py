@@ -292,3 +292,52 @@ def test_resume_classes_cover_every_hyper_parameter():
     classes = set(spec.IDENTITY_KEYS) | set(spec.ARGUMENT_KEYS) | set(spec.SCHEDULE_KEYS)
     assert set(spec.DEFAULTS) <= classes
     assert not set(spec.IDENTITY_KEYS) & set(spec.ARGUMENT_KEYS)
+
+
+def _kwargs_setting(key: str, value: float) -> dict:
+    """MetaOptimize keyword arguments that set what the --optim_args key `key` sets, to `value`."""
+    if key in ("meta_beta1", "meta_beta2"):
+        betas = list(spec.DEFAULT_META_BETAS["lion"])
+        betas[key == "meta_beta2"] = value
+        return {"meta_betas": tuple(betas)}
+    if key == "meta_eps":
+        return {"meta": "adam", "meta_eps": value}  # the key only applies to meta=adam
+    if key in ("log_step_min", "log_step_max"):
+        bounds = [value, spec.DEFAULTS["log_step_bounds"][1]] if key == "log_step_min" else [-14.0, value]
+        return {"log_step_bounds": tuple(bounds), "init_multiplier": 1.0}  # log 1 = 0 lies in any valid bounds
+    return {key: value}
+
+
+def _edges(arg) -> list[tuple[float, bool]]:
+    """(value, inside?) just inside and just outside every finite end of the key's range, and non-finite values."""
+    r, delta = arg.range, (1 if arg.kind == "int" else 1e-6)
+    out = [(float("nan"), False), (float("inf"), False)]
+    if r.lo != -float("inf"):
+        out += [(r.lo + delta, True), (r.lo, False)] if r.lo_open else [(r.lo, True), (r.lo - delta, False)]
+    if r.hi != float("inf"):
+        out += [(r.hi - delta, True), (r.hi, False)] if r.hi_open else [(r.hi, True), (r.hi + delta, False)]
+    return [(int(v) if arg.kind == "int" and v == v and abs(v) != float("inf") else v, ok) for v, ok in out]
+
+
+def test_optim_args_ranges_are_the_spec_ranges():
+    """Every numeric --optim_args key checks the spec's range (spec.RANGES): a value just inside / just outside each
+    end is accepted / refused alike while parsing and by MetaOptimize itself."""
+    from hf_metaoptimize.integrations.optim_args import OPTIM_ARGS, OptimArgsError, parse_value
+
+    numeric = {k for k, a in OPTIM_ARGS.items() if a.kind in ("float", "int")}
+    assert numeric == {k for k, a in OPTIM_ARGS.items() if a.range is not None}
+    for key in sorted(numeric):
+        arg = OPTIM_ARGS[key]
+        assert arg.range in spec.RANGES.values(), key
+        for value, inside in _edges(arg):
+            try:
+                parse_value(key, repr(value))
+                parsed = True
+            except OptimArgsError:
+                parsed = False
+            try:
+                MetaOptimize(params(), lr=1e-3, **_kwargs_setting(key, value))
+                built = True
+            except ValueError:
+                built = False
+            assert parsed == built == inside, (key, value, arg.rule, parsed, built)

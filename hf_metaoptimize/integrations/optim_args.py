@@ -71,11 +71,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     return cast
 
 
-def _in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[float], bool]:
-    def check(v: float) -> bool:
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-
-    return check
+_R = _spec.RANGES
 
 
 @dataclass(frozen=True)
@@ -84,8 +80,16 @@ class OptimArg:
     cast: Callable[[str], Any]
     help: str
     default: Any = None
-    check: Callable[[Any], bool] | None = None
-    rule: str = ""  # human-readable form of `check`
+    range: _spec.Range | None = None  # the allowed values, from the spec's one table (spec.RANGES)
+
+    @property
+    def check(self) -> Callable[[Any], bool] | None:
+        return None if self.range is None else self.range.contains
+
+    @property
+    def rule(self) -> str:
+        """The human-readable form of `check` ("" without a range)."""
+        return "" if self.range is None else self.range.text
 
     @property
     def kind(self) -> str:
@@ -111,74 +115,64 @@ OPTIM_ARGS: dict[str, OptimArg] = {
             "one per tensor, one per weight (element)",
             _D["granularity"],
         ),
-        OptimArg(
-            "meta_lr", _as_float, "meta step size eta on the log step sizes", _D["meta_lr"], lambda v: v >= 0, ">= 0"
-        ),
+        OptimArg("meta_lr", _as_float, "meta step size eta on the log step sizes", _D["meta_lr"], _R["meta_lr"]),
         OptimArg(
             "meta_asymmetry",
             _as_float,
             "the step size falls this many times faster than it grows (1: the paper's symmetric rule)",
             _D["meta_asymmetry"],
-            lambda v: v > 0,
-            "> 0",
+            _R["meta_asymmetry"],
         ),
         OptimArg(
             "init_multiplier",
             _as_float,
             "the learned multiplier of the learning rate at the first step (1: the paper)",
             _D["init_multiplier"],
-            lambda v: v > 0,
-            "> 0",
+            _R["init_multiplier"],
         ),
         OptimArg(
             "cooldown",
             _as_float,
             "final fraction of the run over which the step size falls linearly to 0, meta step frozen (0: none)",
             _D["cooldown"],
-            _in(0, 1),
-            "in [0, 1]",
+            _R["cooldown"],
         ),
         OptimArg(
             "total_steps",
             _as_int,
             "the run's length in optimizer steps, where the cooldown ends (default: the Trainer's max_steps)",
             None,
-            lambda v: v >= 1,
-            ">= 1",
+            _R["total_steps"],
         ),
-        OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", _D["gamma"], _in(0, 1), "in [0, 1]"),
+        OptimArg("gamma", _as_float, "trace discount (1 for stationary training)", _D["gamma"], _R["gamma"]),
         OptimArg(
             "meta_beta1",
             _as_float,
             "meta rule's first coefficient (lion: c_bar 0.9; adam: 0.9)",
             None,
-            _in(0, 1, hi_open=True),
-            "in [0, 1)",
+            _R["meta_betas"],
         ),
         OptimArg(
             "meta_beta2",
             _as_float,
             "meta rule's second coefficient (lion: rho_bar 0.99; adam: 0.999)",
             None,
-            _in(0, 1, hi_open=True),
-            "in [0, 1)",
+            _R["meta_betas"],
         ),
-        OptimArg("meta_eps", _as_float, "meta Adam's epsilon (meta=adam only)", None, lambda v: v > 0, "> 0"),
+        OptimArg("meta_eps", _as_float, "meta Adam's epsilon (meta=adam only)", None, _R["meta_eps_adam"]),
         OptimArg(
             "log_step_min",
             _as_float,
             "lower clamp of the learned log step multiplier",
             _D["log_step_bounds"][0],
-            lambda v: v <= 0,
-            "<= 0",
+            _R["log_step_min"],
         ),
         OptimArg(
             "log_step_max",
             _as_float,
             "upper clamp of the learned log step multiplier",
             _D["log_step_bounds"][1],
-            lambda v: v >= 0,
-            ">= 0",
+            _R["log_step_max"],
         ),
         OptimArg(
             "skip_nonfinite",
