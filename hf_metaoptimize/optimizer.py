@@ -27,15 +27,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .distributed import any_dtensor as _any_dtensor
 from .distributed import complete_meta_grads
 from .distributed import local_tensor as _local
 from .rules import (
     cooldown_scale,
     foreach_base_step,
     foreach_meta_step_element,
-    hyper_row,
-    meta_gate,
     meta_step_shared,
     wide_dtype,
 )
@@ -576,7 +573,7 @@ class MetaOptimize(Optimizer):
             for _, group, plist in active:
                 for p in plist:
                     st = self.state[p]
-                    _fused.prepare(_fused_config(group, group["skip_nonfinite"]), p, p.grad, st)
+                    _fused.prepare(_fused.config_of(group, group["skip_nonfinite"]), p, p.grad, st)
         except RuntimeError as e:
             warnings.warn(
                 f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "
@@ -814,84 +811,15 @@ def _base_group_step(
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
         if fused:  # the per-tensor kernel: compiled, or eagerly for foreach=False
-            _fused_bucket_step(
+            from ._fused import bucket_step
+
+            bucket_step(
                 state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
             )
             continue
         foreach_base_step(
             state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize, own
         )
-
-
-# (hyper-parameter row, device, dtype) -> that row on the device (built once: no host-to-device copy per step)
-_HYPER_ROWS: dict[tuple, Tensor] = {}
-
-
-def _fused_bucket_step(
-    state: dict[Tensor, dict[str, Tensor]],
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    okf: Tensor,
-    dtype: torch.dtype,
-    sanitize: bool,
-) -> None:
-    """`fused=True`: the per-step numbers of every tensor, built with a few vectorised ops, then the compiled
-    chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,
-    the meta step, CHUNK tensors per call."""
-    from ._fused import fused_step
-
-    base, betas, lr = group["base"], group["betas"], group["lr"]
-    element = group["granularity"] == "element"
-    wide = wide_dtype(dtype)
-    sts = [state[p] for p in params]
-    n = len(params)
-    ok = okf.to(wide)
-    steps = [s["step"] for s in sts]
-    torch._foreach_add_(steps, okf.to(torch.float32))
-    t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
-    one = torch.ones(n, dtype=torch.float64, device=t.device)
-    if element:
-        alpha = (ok * lr).expand(n)
-    else:
-        alpha = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
-    C = torch.stack([s["block_step"] for s in sts])
-    cool = cooldown_scale(group, C.to(torch.float64) + 1)
-    if cool is not None:
-        alpha = alpha * cool.to(wide)
-    gate = okf.to(wide).expand(n)
-    if element:  # the kernel does the meta step: count the block's step, gate the meta update (cooldown)
-        C, g = meta_gate(group, C, okf)
-        torch._foreach_copy_([s["block_step"] for s in sts], list(C.unbind(0)))
-        gate = g.to(wide).expand(n)
-    bc1 = 1 - torch.pow(betas[0], t) if base == "adamw" else one
-    bc2 = torch.sqrt(1 - torch.pow(betas[-1], t)) if base in ("adamw", "rmsprop") else one
-    mbc1 = mbc2 = one
-    if element and group["meta"] == "adam":
-        S = [s["meta_step"] for s in sts]
-        torch._foreach_add_(S, list(gate.to(torch.float32).unbind(0)))
-        s64 = torch.stack(S).to(torch.float64).clamp(min=1)
-        b1, b2 = group["meta_betas"]
-        mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
-    hyper = hyper_row(group)
-    hkey = (hyper, t.device, wide)
-    hrow = _HYPER_ROWS.get(hkey)
-    if hrow is None:
-        if len(_HYPER_ROWS) > 256:
-            _HYPER_ROWS.clear()
-        hrow = _HYPER_ROWS[hkey] = torch.tensor(hyper, dtype=wide, device=t.device)
-    cols = [ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide), gate]
-    rows = torch.cat([torch.stack(cols, dim=1), hrow.expand(n, -1)], dim=1)
-    if _any_dtensor(params):
-        params, grads = [_local(p) for p in params], [_local(g) for g in grads]
-        sts = [{k: _local(v) for k, v in st.items()} for st in sts]
-    fused_step(_fused_config(group, sanitize), params, grads, sts, rows, eager=group["foreach"] is False)
-
-
-def _fused_config(group: dict[str, Any], sanitize: bool) -> dict[str, Any]:
-    """The static configuration of the compiled kernel (everything else is a number in its rows)."""
-    element = group["granularity"] == "element"
-    return dict(base=group["base"], meta=group["meta"] if element else "-", element=element, sanitize=sanitize)
 
 
 # ---------------------------------------------------------------------- checkpoint precision

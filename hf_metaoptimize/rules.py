@@ -163,6 +163,15 @@ def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
     )
 
 
+def bias_corrections(base: str, betas: tuple[float, ...], t: Tensor) -> tuple[Tensor, Tensor]:
+    """(bc1, bc2) at the step counts `t` (float64): ``1 - rho^t`` of adamw's first moment and ``sqrt(1 - lambda^t)``
+    of a second moment (adamw, rmsprop); 1 where the rule corrects nothing (sgd's and lion's momentum)."""
+    one = torch.ones_like(t)
+    bc1 = 1 - torch.pow(betas[0], t) if base == "adamw" else one
+    bc2 = torch.sqrt(1 - torch.pow(betas[-1], t)) if base in ("adamw", "rmsprop") else one
+    return bc1, bc2
+
+
 def kernel_slots(base: str, element: bool, meta: str) -> tuple[str, ...]:
     """The state tensors the kernel of this configuration reads and writes, after p and g."""
     out = ["trace", *BASE_MOMENTS[base]]
@@ -245,7 +254,8 @@ def foreach_base_step(
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
         t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, t)).to(wide)
+        bc1, bc2 = bias_corrections(base, betas, t)
+        bc2_sqrt = bc2.to(wide)
         if own and base == "adamw":  # the grads' temporary copy doubles as the workspace
             U = grads
             for v, u in zip(V, U):
@@ -256,7 +266,7 @@ def foreach_base_step(
         # bias correction of v moves into the per-tensor scale, saving a pass over every weight
         torch._foreach_add_(U, list((eps * bc2_sqrt).unbind(0)))
         _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v) + eps * b)
-        scale = bc2_sqrt if base == "rmsprop" else bc2_sqrt / (1 - torch.pow(betas[0], t)).to(wide)
+        scale = bc2_sqrt / bc1.to(wide) if base == "adamw" else bc2_sqrt
         if group["granularity"] == "element":
             torch._foreach_mul_(U, A)
             torch._foreach_mul_(U, list(scale.unbind(0)))

@@ -21,6 +21,7 @@ __all__ = [
     "BETAS_MEANING",
     "BASES_WITH_EPS",
     "BASE_MOMENTS",
+    "TRAINER_BETAS",
     "DEFAULT_META_BETAS",
     "DEFAULT_EPS",
     "PAPER_EXACT",
@@ -55,6 +56,13 @@ BETAS_MEANING: dict[str, str] = {
     "lion": "(beta1, beta2) = (interpolation c, momentum rho) as in the Lion paper",
     "sgd": "(momentum,) = EMA momentum coefficient rho",
     "rmsprop": "(alpha,) = second-moment coefficient lambda",
+}
+#: Which ``TrainingArguments`` flag feeds each of a base's coefficients (``--adam_beta1`` / ``--adam_beta2``).
+TRAINER_BETAS: dict[str, tuple[str, ...]] = {
+    "adamw": ("adam_beta1", "adam_beta2"),
+    "lion": ("adam_beta1", "adam_beta2"),
+    "sgd": ("adam_beta1",),
+    "rmsprop": ("adam_beta2",),
 }
 #: Bases whose update has an ``eps`` in the denominator.
 BASES_WITH_EPS = ("adamw", "rmsprop")

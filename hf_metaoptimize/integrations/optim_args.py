@@ -323,12 +323,9 @@ def base_betas(base: str, beta1: float, beta2: float) -> tuple[float, ...]:
     rmsprop: (beta2,) = lambda. Callers substitute the base's own default for a coefficient the user did not
     name (registry.apply_defaults does that once, when the arguments are built).
     """
-    if base in ("adamw", "lion"):
-        return (float(beta1), float(beta2))
-    if base == "sgd":
-        return (float(beta1),)
-    if base == "rmsprop":
-        return (float(beta2),)
+    if base in _spec.TRAINER_BETAS:
+        flags = {"adam_beta1": beta1, "adam_beta2": beta2}
+        return tuple(float(flags[name]) for name in _spec.TRAINER_BETAS[base])
     raise ValueError(f"unknown base {base!r}")
 
 

@@ -27,6 +27,7 @@ import functools
 import logging
 from typing import Any
 
+from ..spec import TRAINER_BETAS
 from .deepspeed_config import check_deepspeed_config
 from .optim_args import (
     BASE_BETAS,
@@ -70,7 +71,7 @@ def apply_defaults(args: Any, *, building: bool = False) -> dict[str, Any] | Non
     check_deepspeed_config(getattr(args, "deepspeed", None))
     _constant_schedule(args)
     base = spec["base"]
-    own = dict(zip(("adam_beta1", "adam_beta2") if base != "rmsprop" else ("adam_beta2",), BASE_BETAS[base]))
+    own = dict(zip(TRAINER_BETAS[base], BASE_BETAS[base]))
     for name, value in own.items():
         if getattr(args, name) == ADAMW_DEFAULTS[name] and value != ADAMW_DEFAULTS[name]:
             setattr(args, name, value)
