@@ -162,7 +162,7 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["eps"] is not None and group["base"] not in _BASES_WITH_EPS:
                 raise ValueError(f"eps is not used by base {group['base']!r}, got eps={group['eps']}")
-            n_betas = 2 if group["base"] in ("adamw", "lion") else 1
+            n_betas = len(_BASE_BETAS[group["base"]])
             if len(_base_betas(group)) != n_betas:
                 raise ValueError(f"base {group['base']!r} takes {n_betas} betas, got {group['betas']}")
             if not 0.0 <= group["gamma"] <= 1.0:

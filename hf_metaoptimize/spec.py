@@ -299,7 +299,8 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
         group["eps"] = float(group["eps"])
     elif eps is not None:
         raise ValueError(
-            f"{where}: eps={eps!r} is not used by base={base!r}; leave it unset (eps applies to adamw, rmsprop)"
+            f"{where}: eps={eps!r} is not used by base={base!r}; leave it unset (eps applies to "
+            f"{', '.join(BASES_WITH_EPS)})"
         )
     number("meta_eps")
     me = group["meta_eps"]

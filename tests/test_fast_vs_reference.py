@@ -23,6 +23,8 @@ from optim_cases import (
     run_pair,
 )
 
+from hf_metaoptimize.spec import BASE_MOMENTS, BASES, GRANULARITIES, METAS
+
 STEPS = 60
 
 
@@ -112,10 +114,8 @@ def _expected_dtypes(kwargs: dict, param_dtype: torch.dtype) -> dict[str, torch.
         "block_step": torch.float32,
         "nonfinite_steps": torch.float32,
     }
-    if base in ("adamw", "lion", "sgd"):
-        expected["exp_avg"] = param_dtype
-    if base in ("adamw", "rmsprop"):
-        expected["exp_avg_sq"] = param_dtype
+    for key in BASE_MOMENTS[base]:  # exp_avg / exp_avg_sq, as spec.BASE_MOMENTS names them
+        expected[key] = param_dtype
     if meta == "adam":
         expected.update(meta_exp_avg_sq=wide, meta_step=torch.float32)
     return expected
@@ -161,9 +161,9 @@ def test_fast_leaves_grads_untouched(case):
 
 def test_cases_cover_every_base_meta_granularity():
     combos = {(c.kwargs["base"], c.kwargs["meta"], c.kwargs["granularity"]) for c in CORE_CASES}
-    assert len(combos) == len(CORE_CASES) == 32
+    assert len(combos) == len(CORE_CASES) == len(BASES) * len(METAS) * len(GRANULARITIES)
     paper = {(c.kwargs["base"], c.kwargs["meta"], c.kwargs["granularity"]) for c in PAPER_CASES}
-    assert paper == combos and len(PAPER_CASES) == 32
+    assert paper == combos and len(PAPER_CASES) == len(CORE_CASES)
     assert all(c.kwargs["total_steps"] < 60 for c in CORE_CASES)  # the cooldown starts and ends in the run
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))

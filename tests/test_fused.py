@@ -16,7 +16,7 @@ import io
 
 import pytest
 import torch
-from optim_cases import CASES, CORE_CASES, run_pair
+from optim_cases import BASES, CASES, CORE_CASES, run_pair
 from test_fast_vs_reference import assert_params_close, assert_state_close, assert_step_sizes_close
 
 from hf_metaoptimize import MetaOptimize
@@ -47,7 +47,7 @@ TABLE += [
 
 
 def test_table_is_what_it_says():
-    assert len(TABLE) == 20 + 12
+    assert len(TABLE) == 5 * len(BASES) + 12  # per base: 4 lion-meta granularities + adam-meta element
 
 
 @pytest.mark.parametrize("case", TABLE, ids=lambda c: c.name)
