@@ -35,7 +35,19 @@ import torch
 from torch import Tensor
 
 from .distributed import any_dtensor, local_tensor
-from .rules import ROW, bias_corrections, cooldown_scale, hyper_row, kernel_slots, meta_gate, tensor_step, wide_dtype
+from .rules import (
+    ROW,
+    add0_,
+    bias_corrections,
+    cooldown_scale,
+    copy0,
+    hyper_row,
+    kernel_slots,
+    meta_gate,
+    stack0,
+    tensor_step,
+    wide_dtype,
+)
 
 __all__ = ["CHUNK", "ROW", "fused_step", "prepare", "clear_cache", "cache_dir"]
 
@@ -287,28 +299,28 @@ def bucket_step(
     n = len(params)
     ok = okf.to(wide)
     steps = [s["step"] for s in sts]
-    torch._foreach_add_(steps, okf.to(torch.float32))
-    t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
+    add0_(steps, okf.to(torch.float32))
+    t = stack0(steps).to(torch.float64, copy=True).clamp_(min=1)  # bias corrections in float64
     one = torch.ones(n, dtype=torch.float64, device=t.device)
     if element:
         alpha = (ok * lr).expand(n)
     else:
-        alpha = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
-    C = torch.stack([s["block_step"] for s in sts])
+        alpha = torch.exp(stack0([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
+    C = stack0([s["block_step"] for s in sts])  # read only
     cool = cooldown_scale(group, C.to(torch.float64) + 1)
     if cool is not None:
         alpha = alpha * cool.to(wide)
     gate = okf.to(wide).expand(n)
     if element:  # the kernel does the meta step: count the block's step, gate the meta update (cooldown)
         C, g = meta_gate(group, C, okf)
-        torch._foreach_copy_([s["block_step"] for s in sts], list(C.unbind(0)))
+        copy0([s["block_step"] for s in sts], C)
         gate = g.to(wide).expand(n)
     bc1, bc2 = bias_corrections(base, betas, t)
     mbc1 = mbc2 = one
     if element and group["meta"] == "adam":
         S = [s["meta_step"] for s in sts]
-        torch._foreach_add_(S, list(gate.to(torch.float32).unbind(0)))
-        s64 = torch.stack(S).to(torch.float64).clamp(min=1)
+        add0_(S, gate.to(torch.float32))
+        s64 = stack0(S).to(torch.float64).clamp(min=1)
         b1, b2 = group["meta_betas"]
         mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
     hyper = hyper_row(group)

@@ -30,10 +30,12 @@ from torch.optim.optimizer import Optimizer
 from .distributed import complete_meta_grads
 from .distributed import local_tensor as _local
 from .rules import (
+    add0_,
     cooldown_scale,
     foreach_base_step,
     foreach_meta_step_element,
     meta_step_shared,
+    packed,
     wide_dtype,
 )
 from .spec import (
@@ -73,6 +75,8 @@ _WIDE_KEYS = (
     "meta_grad",
 )
 # float32 counters whatever the param dtype
+# 0-d per-param state kept packed, one vector per key (MetaOptimize._pack_0d); param-shaped entries are left alone
+_PACKED_KEYS = ("step", "log_step", "meta_exp_avg", "meta_exp_avg_sq", "meta_step", "block_step", "nonfinite_steps")
 _COUNTER_KEYS = ("meta_step", "block_step", "nonfinite_steps")
 
 
@@ -243,6 +247,7 @@ class MetaOptimize(Optimizer):
         self._calls = 0  # host-side count of step() calls, for the one warning past total_steps
         self.register_load_state_dict_pre_hook(_check_checkpoint)
         self.register_load_state_dict_post_hook(_restore_wide_state)
+        self.register_state_dict_post_hook(_copy_packed_state)
         self._check_groups()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -265,6 +270,7 @@ class MetaOptimize(Optimizer):
         self.__dict__.setdefault("_partitions", None)
         self.__dict__.setdefault("_skip_seen", None)
         self._group_snapshots = {}
+        self._pack_dirty = True  # views may not survive pickling: packed again at the next step
 
     def _validate(self, gi: int, group: dict[str, Any]) -> None:
         """Validation in one place: the group's own values (:func:`hf_metaoptimize.spec.normalize_group`), then
@@ -526,23 +532,25 @@ class MetaOptimize(Optimizer):
         if self._partitions is not None:  # DeepSpeed ZeRO: this call sees some partitions only
             self._partitions.step(self, active, grads)  # integrations.deepspeed.ZeroPartitions
             return loss
+        if self.__dict__.get("_pack_dirty", True):
+            self._pack_0d()
         zvec, zelem = self._local_meta_grads(active, grads)
         # one process / DDP: complete already; FSDP2: one all-reduce completes the shards' partial sums
         zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
         red, keys = self._block_sums(active, zvec)
         ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
-        for group, plist, glist in _merge_groups(active, grads):
-            _base_group_step(self.state, group, plist, glist, okf, ok is not None, self._fused_on(group))
+        for group, plist, glist, kappas in _merge_groups(active, grads, self._fused_on):
+            _base_group_step(self.state, group, plist, glist, okf, ok is not None, self._fused_on(group), kappas=kappas)
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
             self._element_meta_steps(active, zelem, ok, okf)
         else:
-            for group, members, z in self._block_members(active, red, keys):
+            for group, members, z in _merge_meta(self._block_members(active, red, keys)):
                 meta_step_shared(self.state, group, members, z, okf)
         if ok is not None:
             counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
-            torch._foreach_add_(counters, 1.0 - okf.to(torch.float32))
+            add0_(counters, 1.0 - okf.to(torch.float32))
         return loss
 
     def _fused_on(self, group: dict[str, Any]) -> bool:
@@ -629,6 +637,7 @@ class MetaOptimize(Optimizer):
                             donors = self._block_donors()
                         donor = donors.get(self._block_key(gi, group, p))
                     self._init_state(p, group, donor)
+                    self._pack_dirty = True
                     if self._partitions is not None:
                         self._partitions.init_state(self, p, group)
                     if shared and donor is None:
@@ -637,6 +646,25 @@ class MetaOptimize(Optimizer):
             if plist:
                 active.append((gi, group, plist))
         return active
+
+    def _pack_0d(self) -> None:
+        """Keep each 0-d per-param state (:data:`_PACKED_KEYS`) as consecutive elements of one vector per key, in
+        param order: the step then reads and writes n of them with one op (``rules.stack0`` / ``copy0`` /
+        ``add0_``) instead of n. Each entry stays a 0-d tensor of its own param's state (a view), so the state
+        dict, checkpoints and sharding see what they saw before (``state_dict()`` hands out copies). Runs again
+        after new state or a load; a key whose entries differ in device or dtype stays unpacked (the same numbers,
+        n ops)."""
+        self._pack_dirty = False
+        sts = [self.state[p] for g in self._all_groups for p in g["params"] if self.state.get(p)]
+        for k in _PACKED_KEYS:
+            have = [st for st in sts if k in st]
+            ts = [st[k] for st in have]
+            if len(ts) < 2 or any(t.dim() != 0 for t in ts) or len({(t.device, t.dtype) for t in ts}) != 1:
+                continue
+            if packed(ts):
+                continue
+            for st, v in zip(have, torch.stack(ts).unbind(0)):
+                st[k] = v
 
     def _grads(self, params: list[Tensor]) -> list[Tensor]:
         """The gradients as the math reads them: in the trace's dtype (float32+; a copy for low precision)."""
@@ -773,21 +801,46 @@ _STEP_KEYS = (
     "meta_eps",
     "log_step_bounds",
 )
+# The foreach path takes the weight decay per tensor.
+_STEP_KEYS_FOREACH = tuple(k for k in _STEP_KEYS if k != "weight_decay")
 
 
-def _merge_groups(active, grads):
-    """(group, params, grads) with every active group whose step hyper-parameters are equal merged into one:
-    the usual decay / no-decay split (and per-layer groups) then costs one set of foreach calls, not one per
-    group. The math is per tensor, so merging changes no number."""
-    merged: dict[tuple, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+def _merge_groups(
+    active, grads, fused_of: Callable[[dict[str, Any]], bool]
+) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[float]]]:
+    """(group, params, grads, weight decays) with every active group whose step hyper-parameters are equal merged
+    into one: per-layer groups then cost one set of foreach calls, not one per group. On the foreach path groups
+    that differ in weight decay alone merge too (the decay / no-decay split every Trainer run has): the weight
+    decay goes per tensor. The math is per tensor, so merging changes no number."""
+    merged: dict[tuple, tuple[dict[str, Any], list[Tensor], list[Tensor], list[float]]] = {}
     for gi, group, plist in active:
-        key = tuple(("tensor", id(v)) if isinstance(v := group.get(k), Tensor) else v for k in _STEP_KEYS)
-        if key in merged:
-            merged[key][1].extend(plist)
-            merged[key][2].extend(grads[gi])
-        else:
-            merged[key] = (group, list(plist), list(grads[gi]))
+        fused = fused_of(group)
+        keys = _STEP_KEYS if fused else _STEP_KEYS_FOREACH
+        key = (fused, *(("tensor", id(v)) if isinstance(v := group.get(k), Tensor) else v for k in keys))
+        if key not in merged:
+            merged[key] = (group, [], [], [])
+        merged[key][1].extend(plist)
+        merged[key][2].extend(grads[gi])
+        merged[key][3].extend([group["weight_decay"]] * len(plist))
     return list(merged.values())
+
+
+def _merge_meta(
+    items: list[tuple[dict[str, Any], list[Tensor], Tensor]],
+) -> list[tuple[dict[str, Any], list[Tensor], Tensor]]:
+    """The 0-d meta steps of groups with the same meta settings (:data:`~hf_metaoptimize.spec.BLOCK_KEYS`) as one
+    call: each member's update reads only its own state, its z and those settings, so merging changes no number."""
+    merged: dict[tuple, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+    for group, members, z in items:
+        key = tuple(group[k] for k in BLOCK_KEYS)
+        if key not in merged:
+            merged[key] = (group, [], [])
+        merged[key][1].extend(members)
+        merged[key][2].append(z if z.dim() else z.expand(len(members)))
+    out = []
+    for group, members, zs in merged.values():
+        out.append((group, members, zs[0] if len(zs) == 1 else torch.cat(zs)))
+    return out
 
 
 def _base_group_step(
@@ -799,6 +852,7 @@ def _base_group_step(
     sanitize: bool,
     fused: bool,
     own: bool | None = None,
+    kappas: list[float] | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
@@ -817,9 +871,9 @@ def _base_group_step(
                 state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
             )
             continue
-        foreach_base_step(
-            state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize, own
-        )
+        sub = [params[i] for i in idx], [grads[i] for i in idx]
+        decay = None if kappas is None else [kappas[i] for i in idx]
+        foreach_base_step(state, group, *sub, okf.to(device), dtype, sanitize, own, decay)
 
 
 # ---------------------------------------------------------------------- checkpoint precision
@@ -944,6 +998,22 @@ def _stash_wide_state(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> No
     optimizer._wide_stash_ids = [g["params"] for g in state_dict.get("param_groups", [])]
 
 
+def _copy_packed_state(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """state_dict post-hook: the packed 0-d state (:meth:`MetaOptimize._pack_0d`) goes out as copies, plain 0-d
+    tensors of their own, so a checkpoint writer never sees (or saves) the vector behind them."""
+    state = {}
+    for pid, st in state_dict["state"].items():
+        if isinstance(st, dict) and any(
+            isinstance(v, Tensor) and v.dim() == 0 and v._base is not None for v in st.values()
+        ):
+            st = {
+                k: (v.clone() if isinstance(v, Tensor) and v.dim() == 0 and v._base is not None else v)
+                for k, v in st.items()
+            }
+        state[pid] = st
+    return {**state_dict, "state": state}
+
+
 def _restore_wide_state(optimizer: MetaOptimize) -> None:
     """load_state_dict post-hook: undo torch's cast of our float32 state to the param dtype."""
     stash = getattr(optimizer, "_wide_stash", {})
@@ -957,5 +1027,6 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
     counts = [st["block_step"] for st in optimizer.state.values() if isinstance(st, dict) and "block_step" in st]
     optimizer._calls = int(torch.cat([c.reshape(-1).cpu() for c in counts]).max()) if counts else 0  # at load
     optimizer._index_cache = {}
+    optimizer._pack_dirty = True
     optimizer._all_groups = optimizer.param_groups  # load_state_dict installs a new list
     optimizer._check_groups(force=True)  # loaded groups are validated now, not at the first step

@@ -21,6 +21,7 @@ of these functions reads a tensor value on the host.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -163,6 +164,66 @@ def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
     )
 
 
+# ---------------------------------------------------------------------- 0-d state, n at a time
+# The optimizer keeps each 0-d per-param state (step counters; log step sizes and meta state of the shared
+# granularities) as consecutive elements of one vector per key (MetaOptimize._pack_0d). These three read and
+# write n of them with ONE op when they are such a run, and fall back to stack / foreach otherwise (the same
+# numbers either way).
+_RUNS: dict[tuple[int, ...], tuple[list[Tensor], Tensor | None]] = {}
+
+
+def _run(ts: list[Tensor]) -> Tensor | None:
+    """The slice of the vector whose consecutive elements `ts` are, or None. Cached by identity (the cache holds
+    the tensors, so an id is never reused while its entry lives)."""
+    if len(ts) < 2:
+        return None
+    key = tuple(map(id, ts))
+    hit = _RUNS.get(key)
+    if hit is not None and all(map(operator.is_, hit[0], ts)):
+        return hit[1]
+    vec = None
+    base = ts[0]._base
+    if base is not None and base.dim() == 1 and base.stride(0) == 1:
+        first = ts[0].storage_offset()
+        if all(t._base is base and t.dim() == 0 and t.storage_offset() == first + i for i, t in enumerate(ts)):
+            vec = base.narrow(0, first - base.storage_offset(), len(ts))
+    if len(_RUNS) > 256:
+        _RUNS.clear()
+    _RUNS[key] = (list(ts), vec)
+    return vec
+
+
+def packed(ts: list[Tensor]) -> bool:
+    """Whether the 0-d tensors `ts` are consecutive elements of one vector."""
+    return _run(ts) is not None
+
+
+def stack0(ts: list[Tensor]) -> Tensor:
+    """``torch.stack`` of 0-d tensors; for a packed run, a view of the vector itself: read it, never write to it."""
+    vec = _run(ts)
+    return torch.stack(ts) if vec is None else vec
+
+
+def copy0(dst: list[Tensor], src: Tensor) -> None:
+    """Write the 1-D `src` into the 0-d tensors `dst` (one copy for a packed run)."""
+    vec = _run(dst)
+    if vec is None:
+        torch._foreach_copy_(dst, list(src.unbind(0)))
+    else:
+        vec.copy_(src)
+
+
+def add0_(ts: list[Tensor], value: Tensor) -> None:
+    """``ts[i] += value`` (0-d) or ``+= value[i]`` (1-D) for 0-d tensors (one add for a packed run)."""
+    vec = _run(ts)
+    if vec is not None:
+        vec.add_(value)
+    elif value.dim():
+        torch._foreach_add_(ts, list(value.unbind(0)))
+    else:
+        torch._foreach_add_(ts, value)
+
+
 def bias_corrections(base: str, betas: tuple[float, ...], t: Tensor) -> tuple[Tensor, Tensor]:
     """(bc1, bc2) at the step counts `t` (float64): ``1 - rho^t`` of adamw's first moment and ``sqrt(1 - lambda^t)``
     of a second moment (adamw, rmsprop); 1 where the rule corrects nothing (sgd's and lion's momentum)."""
@@ -189,11 +250,19 @@ def foreach_base_step(
     dtype: torch.dtype,
     sanitize: bool,
     own: bool | None = None,
+    kappas: list[float] | None = None,
 ) -> None:
     """The foreach base step of one (device, dtype) bucket. `own`: whether the grads are temporaries of ours that
-    may serve as workspace (default: those that are not ``p.grad``)."""
+    may serve as workspace (default: those that are not ``p.grad``). `kappas`: each tensor's weight decay (default:
+    the group's), so that groups differing in weight decay alone (the Trainer's decay / no-decay split) step with
+    one set of foreach calls; each tensor's arithmetic is the same as in a group of its own."""
     base = group["base"]
-    lr, kappa, gamma = group["lr"], group["weight_decay"], group["gamma"]
+    lr, gamma = group["lr"], group["gamma"]
+    kappas = [group["weight_decay"]] * len(params) if kappas is None else kappas
+    decayed: dict[float, list[int]] = {}  # weight decay -> the tensors that have it (0 left out)
+    for i, k in enumerate(kappas):
+        if k != 0:
+            decayed.setdefault(k, []).append(i)
     betas, eps = group["betas"], group["eps"]
     # every tensor below is rank-local (FSDP2 DTensor -> its shard): the math is elementwise
     sharded = _any_dtensor(params)
@@ -231,20 +300,20 @@ def foreach_base_step(
     ok = okf.to(wide)
 
     # A = -alpha, masked: -ok * lr * exp(log_step) * s(t); one 0-d tensor per param, or param-shaped (element)
-    cool = cooldown_scale(group, torch.stack([s["block_step"] for s in sts]).to(torch.float64) + 1)
+    cool = cooldown_scale(group, stack0([s["block_step"] for s in sts]).to(torch.float64) + 1)
     if group["granularity"] == "element":
         A = torch._foreach_exp([s["log_step"] for s in sts])
         torch._foreach_mul_(A, ok * (-lr))
         if cool is not None:
             torch._foreach_mul_(A, list(cool.to(wide).unbind(0)))
     else:
-        Avec = torch.exp(torch.stack([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
+        Avec = torch.exp(stack0([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
         if cool is not None:
             Avec = Avec * cool.to(wide)
         A = list(Avec.unbind(0))
 
     steps = [s["step"] for s in sts]
-    torch._foreach_add_(steps, okf.to(torch.float32))
+    add0_(steps, okf.to(torch.float32))
 
     # base rule (ALGORITHM.md table): U <- dw without weight decay = -alpha * direction
     if base in ("adamw", "rmsprop"):
@@ -253,7 +322,7 @@ def foreach_base_step(
             torch._foreach_lerp_(M, grads, ok * (1 - betas[0]))
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
-        t = torch.stack(steps).to(torch.float64).clamp_(min=1)  # bias corrections in float64
+        t = stack0(steps).to(torch.float64, copy=True).clamp_(min=1)  # bias corrections in float64
         bc1, bc2 = bias_corrections(base, betas, t)
         bc2_sqrt = bc2.to(wide)
         if own and base == "adamw":  # the grads' temporary copy doubles as the workspace
@@ -281,23 +350,29 @@ def foreach_base_step(
         torch._foreach_sign_(U)
         torch._foreach_mul_(U, A)
         torch._foreach_lerp_(M, grads, ok * (1 - rho))
-    if kappa != 0:
+
+    def sub(xs: list[Any], idx: list[int]) -> list[Any]:
+        return xs if len(idx) == len(xs) else [xs[i] for i in idx]
+
+    for k, idx in decayed.items():
         # decoupled weight decay is part of the displacement: dw += -alpha * kappa * w
-        torch._foreach_addcmul_(U, P, A, value=kappa)
+        torch._foreach_addcmul_(sub(U, idx), sub(P, idx), sub(A, idx), value=k)
 
     # trace discount gamma * (1 - kappa * alpha); exactly 1 on a skipped step (alpha = 0, ok = 0):
     # with A = -ok * alpha it is c0 + gamma * kappa * A, c0 = 1 + ok * (gamma - 1). A is reused in place.
     c0 = 1 + ok * (gamma - 1)
-    if kappa != 0:
-        torch._foreach_mul_(A, gamma * kappa)
-        torch._foreach_add_(A, c0)
-        disc = A
-    else:
-        disc = None if gamma == 1.0 else [c0] * len(H)  # gamma = 1, no decay: the discount is exactly 1
-    if disc is None:
-        torch._foreach_add_(H, U)
-    else:
-        for h, u, d in zip(H, U, disc):
+    disc: list[Any] = [None if gamma == 1.0 else c0] * len(H)  # no decay, gamma = 1: the discount is exactly 1
+    for k, idx in decayed.items():
+        Ak = sub(A, idx)
+        torch._foreach_mul_(Ak, gamma * k)
+        torch._foreach_add_(Ak, c0)
+        for i, a in zip(idx, Ak):
+            disc[i] = a
+    plain = [i for i, d in enumerate(disc) if d is None]
+    if plain:
+        torch._foreach_add_(sub(H, plain), sub(U, plain))
+    for h, u, d in zip(H, U, disc):
+        if d is not None:
             torch.addcmul(u, h, d, out=h)  # h <- disc * h + dw in one pass
     torch._foreach_add_(P, U)  # w <- w + dw
 
@@ -387,8 +462,8 @@ def meta_step_shared(
     dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
     one_device = len({t.device for t in Ls}) == 1
 
-    def stack(ts: list[Tensor], dtype: torch.dtype = dt) -> Tensor:
-        return (torch.stack(ts) if one_device else torch.stack([t.to(dev) for t in ts])).to(dtype)
+    def stack(ts: list[Tensor], dtype: torch.dtype = dt) -> Tensor:  # read only (a packed run is the state itself)
+        return (stack0(ts) if one_device else torch.stack([t.to(dev) for t in ts])).to(dtype)
 
     L, MB, C = stack(Ls), stack(MBs), stack(Cs, torch.float32)
     VB = stack([s["meta_exp_avg_sq"] for s in sts]) if adam else None
@@ -396,12 +471,12 @@ def meta_step_shared(
     z = z.to(device=dev, dtype=dt)
     if z.dim() == 0:
         z = z.expand(len(members))
-    L, MB, VB, S, C = meta_update(L, MB, VB, S, C, z, okf.to(dev), group)
-    dst, src = Ls + MBs + Cs, list(L.unbind(0)) + list(MB.unbind(0)) + list(C.unbind(0))
+    L, MB, VB, S, C = meta_update(L, MB, VB, S, C, z, okf.to(dev), group)  # new tensors: the state is written below
+    for dst, src in ((Ls, L), (MBs, MB), (Cs, C)):
+        copy0(dst, src)
     if adam:
-        dst += [s["meta_exp_avg_sq"] for s in sts] + [s["meta_step"] for s in sts]
-        src += list(VB.unbind(0)) + list(S.unbind(0))
-    torch._foreach_copy_(dst, src)
+        copy0([s["meta_exp_avg_sq"] for s in sts], VB)
+        copy0([s["meta_step"] for s in sts], S)
 
 
 def foreach_meta_step_element(
@@ -418,8 +493,8 @@ def foreach_meta_step_element(
     lo, hi = group["log_step_bounds"]
     b1, b2 = group["meta_betas"]
     Cs = [s["block_step"] for s in sts]
-    C, gate = meta_gate(group, torch.stack(Cs), okf)
-    torch._foreach_copy_(Cs, list(C.unbind(0)))
+    C, gate = meta_gate(group, stack0(Cs), okf)
+    copy0(Cs, C)
     wide = L[0].dtype
     # one 0/1 gate per tensor (its own step count decides the cooldown), or the step's flag for all
     oks = list(gate.to(wide).unbind(0)) if gate.dim() else None
@@ -428,8 +503,8 @@ def foreach_meta_step_element(
     if group["meta"] == "adam":
         VB = [s["meta_exp_avg_sq"] for s in sts]
         S = [s["meta_step"] for s in sts]
-        torch._foreach_add_(S, gate.to(torch.float32) if oks is None else list(gate.to(torch.float32).unbind(0)))
-        s64 = torch.stack(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
+        add0_(S, gate.to(torch.float32))
+        s64 = stack0(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
         bc1 = (1 - torch.pow(b1, s64)).to(wide)
         bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(wide)
     if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors

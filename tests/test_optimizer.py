@@ -364,3 +364,56 @@ def test_checkpoint_without_block_step_gets_the_param_step():
     fresh = MetaOptimize(model.parameters(), lr=1e-2)
     fresh.load_state_dict(saved)
     assert all(float(fresh.state[p]["block_step"]) == 3.0 for p in model.parameters())
+
+
+# ---------------------------------------------------------------- packed 0-d state
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+
+
+@pytest.mark.parametrize("gran", GRANULARITIES)
+def test_zero_d_state_is_packed_and_checkpoints_hold_plain_copies(gran):
+    """The 0-d per-param state is kept as one vector per key (one op per key per step instead of one per param);
+    the state dict hands out plain copies, and a loaded optimizer packs its state again and continues exactly."""
+    from hf_metaoptimize.rules import packed
+
+    params = make_params()
+    groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+    opt = MetaOptimize(groups, lr=1e-2, granularity=gran, meta="adam", total_steps=8)
+    run(opt, params, 3)
+    keys = ["step", "block_step", "nonfinite_steps", "meta_step"]
+    keys += [] if gran == "element" else ["log_step", "meta_exp_avg", "meta_exp_avg_sq"]
+    for k in keys:
+        assert packed([opt.state[p][k] for p in params]), k
+    sd = opt.state_dict()
+    zero_d = {i: {k: v for k, v in st.items() if v.dim() == 0} for i, st in sd["state"].items()}
+    assert all(v._base is None for st in zero_d.values() for v in st.values())  # copies, not views of the vector
+    saved = {i: {k: v.clone() for k, v in st.items()} for i, st in zero_d.items()}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    run(opt, params, 1)  # the state dict is a snapshot of the 0-d state: stepping on does not change it
+    assert all(torch.equal(saved[i][k], v) for i, st in zero_d.items() for k, v in st.items())
+
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    groups2 = [{"params": clone[:2], "weight_decay": 0.1}, {"params": clone[2:], "weight_decay": 0.0}]
+    opt2 = MetaOptimize(groups2, lr=1e-2, granularity=gran, meta="adam", total_steps=8)
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    groups3 = [{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}]
+    opt3 = MetaOptimize(groups3, lr=1e-2, granularity=gran, meta="adam", total_steps=8)
+    opt3.load_state_dict(_roundtrip(opt.state_dict()))
+    opt3._pack_0d = lambda: None  # never packed: the one-op-per-param fallback, which must give the same numbers
+    run(opt, params, 3, seed=5)
+    run(opt2, clone, 3, seed=5)
+    run(opt3, ref, 3, seed=5)
+    assert not packed([opt3.state[p]["step"] for p in ref])
+    for a, b, c in zip(params, clone, ref):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for p, q in zip(params, clone):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt2.state[q][k]), k
+    assert all(packed([opt2.state[p][k] for p in clone]) for k in keys)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert all(v._base is None for st in loaded["state"].values() for v in st.values() if v.dim() == 0)

@@ -178,8 +178,8 @@ class ZeroPartitions:
                 if "meta_grad" not in st:
                     st["meta_grad"] = torch.zeros((), dtype=st["trace"].dtype, device=p.device)
                 st["meta_grad"].copy_(z)
-        for group, plist, glist in _merge_groups(active, grads):
-            _base_group_step(opt.state, group, plist, glist, okf, ok is not None, opt._fused_on(group))
+        for group, plist, glist, kappas in _merge_groups(active, grads, opt._fused_on):
+            _base_group_step(opt.state, group, plist, glist, okf, ok is not None, opt._fused_on(group), kappas=kappas)
         if gran == "element":
             opt._element_meta_steps(active, zelem, ok, okf)
         else:
