@@ -1,8 +1,8 @@
 """Slow, float64 reference implementation of MetaOptimize (paper Algorithm 3).
 
 Sharifnassab, Salehkaleybar & Sutton, "MetaOptimize: A Framework for Optimizing Step Sizes and Other
-Meta-parameters", ICML 2025: the Hessian-free, 2x2 approximation, restated in ``shared/ALGORITHM.md`` and
-fixed number by number in ``docs/design.md``.
+Meta-parameters", ICML 2025: the Hessian-free, 2x2 approximation, fixed number by number in
+``docs/design.md``.
 
 This module is the ground truth the fast implementation (``hf_metaoptimize.optimizer.MetaOptimize``) is
 tested against. It is written to be read, not to be fast:
@@ -308,7 +308,7 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         return loss
 
     def _base_step(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> None:
-        """One base step on one param (ALGORITHM.md table of base displacements), then the trace."""
+        """One base step on one param (docs/design.md "One step", step 5), then the trace."""
         state = self.state[p]
         base = group["base"]
         betas = _base_betas(group)

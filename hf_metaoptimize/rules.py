@@ -315,7 +315,7 @@ def foreach_base_step(
     steps = [s["step"] for s in sts]
     add0_(steps, okf.to(torch.float32))
 
-    # base rule (ALGORITHM.md table): U <- dw without weight decay = -alpha * direction
+    # base rule (docs/design.md "One step", step 5): U <- dw without weight decay = -alpha * direction
     if base in ("adamw", "rmsprop"):
         b2 = betas[-1]
         if base == "adamw":
