@@ -46,7 +46,7 @@ ADAMW_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 
 
 def _extend_enum(enum_cls: type, name: str, value: str) -> None:
-    """Add member `name = value` to a closed str Enum (Python 3.10-3.13 internals, checked by tests/test_integration_args.py)."""
+    """Add member `name = value` to a closed str Enum (Python 3.10-3.13 internals; tests/test_integration_args.py)."""
     if value in enum_cls._value2member_map_:
         return
     member = str.__new__(enum_cls, value)
