@@ -164,6 +164,10 @@ def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
     )
 
 
+#: Up to this many weights in a bucket, the foreach path zeroes non-finite grads in one flat copy (a dispatch-bound
+#: size: one op instead of one per tensor); above it, tensor by tensor (no extra pass over memory).
+FLAT_SANITIZE_MAX = 1 << 20
+
 # ---------------------------------------------------------------------- 0-d state, n at a time
 # The optimizer keeps each 0-d per-param state (step counters; log step sizes and meta state of the shared
 # granularities) as consecutive elements of one vector per key (MetaOptimize._pack_0d). These three read and
@@ -285,6 +289,11 @@ def foreach_base_step(
         if own:
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        elif len(grads) > 1 and sum(g.numel() for g in grads) <= FLAT_SANITIZE_MAX:
+            # small tensors: one copy into a flat buffer and one pass, instead of one op per tensor
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.nan_to_num_(flat, nan=0.0, posinf=0.0, neginf=0.0)
+            grads = [f.view(g.shape) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
         else:
             grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
         torch._foreach_mul_(grads, okf.to(grads[0].dtype))
