@@ -13,7 +13,7 @@ from _proc import ENV, rank_reports, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 CASES = [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "tensor", "element")]
-CASES += [(2, "block", True)]  # fused=True on flat partitions
+CASES += [(2, "block", True), (3, "tensor", True)]  # fused=True on flat partitions and on their tensor pieces
 
 
 @pytest.mark.slow
