@@ -554,7 +554,7 @@ class MetaOptimize(Optimizer):
         return loss
 
     def _fused_on(self, group: dict[str, Any]) -> bool:
-        """Whether this group steps with the per-tensor kernel (``_fused.tensor_step``): compiled for ``fused=True`` or
+        """Whether this group steps with the per-tensor function (``rules.tensor_step``): compiled for ``fused=True`` or
         the automatic choice (both ``fused`` and ``foreach`` left at None, made once at the first step,
         :meth:`_choose_fused`), run eagerly one tensor at a time for ``foreach=False``."""
         if group["fused"] is not None or group["foreach"] is not None:
