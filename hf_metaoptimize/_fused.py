@@ -39,12 +39,12 @@ from .rules import (
     ROW,
     add0_,
     bias_corrections,
-    cooldown_scale,
     copy0,
     hyper_row,
     kernel_slots,
     meta_gate,
     stack0,
+    step_size,
     tensor_step,
     wide_dtype,
 )
@@ -168,10 +168,10 @@ def _layout(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor])
 def prepare(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> None:
     """Load (or compile) the kernel that :func:`fused_step` will use for tensors like `p` (RuntimeError if the
     compiler fails), without touching any tensor."""
-    local = getattr(p, "_local_tensor", p), getattr(g, "_local_tensor", g)
-    st = {k: getattr(v, "_local_tensor", v) for k, v in st.items()}
-    slots, dtypes, key = _layout(config, local[0], local[1], st)
-    _runner(key, config, slots, dtypes, local[0].device)
+    p, g = local_tensor(p), local_tensor(g)
+    st = {k: local_tensor(v) for k, v in st.items()}
+    slots, dtypes, key = _layout(config, p, g, st)
+    _runner(key, config, slots, dtypes, p.device)
 
 
 _INDEX: dict[tuple, Tensor] = {}
@@ -302,17 +302,14 @@ def bucket_step(
     add0_(steps, okf.to(torch.float32))
     t = stack0(steps).to(torch.float64, copy=True).clamp_(min=1)  # bias corrections in float64
     one = torch.ones(n, dtype=torch.float64, device=t.device)
-    if element:
+    alpha, cool = step_size(group, sts, ok, wide)
+    if alpha is None:  # element: ok * lr * s here, the kernel multiplies by exp(L) per weight
         alpha = (ok * lr).expand(n)
-    else:
-        alpha = torch.exp(stack0([s["log_step"] for s in sts]).to(wide)) * (ok * lr)
-    C = stack0([s["block_step"] for s in sts])  # read only
-    cool = cooldown_scale(group, C.to(torch.float64) + 1)
-    if cool is not None:
-        alpha = alpha * cool.to(wide)
+        if cool is not None:
+            alpha = alpha * cool
     gate = okf.to(wide).expand(n)
     if element:  # the kernel does the meta step: count the block's step, gate the meta update (cooldown)
-        C, g = meta_gate(group, C, okf)
+        C, g = meta_gate(group, stack0([s["block_step"] for s in sts]), okf)
         copy0([s["block_step"] for s in sts], C)
         gate = g.to(wide).expand(n)
     bc1, bc2 = bias_corrections(base, betas, t)

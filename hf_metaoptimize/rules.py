@@ -228,6 +228,20 @@ def add0_(ts: list[Tensor], value: Tensor) -> None:
         torch._foreach_add_(ts, value)
 
 
+def step_size(
+    group: dict[str, Any], sts: list[dict[str, Tensor]], ok: Tensor, wide: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """(alpha, s) of every tensor of a bucket, in `wide`: alpha = ok * lr * exp(log_step) * s for the shared
+    granularities (None for element, whose alpha is per weight: ok * lr * s * exp(L)), and the cooldown factor
+    s(t_b + 1) (None without a cooldown). The one place both fast paths take the step size from."""
+    cool = cooldown_scale(group, stack0([s["block_step"] for s in sts]).to(torch.float64) + 1)
+    cool = None if cool is None else cool.to(wide)
+    if group["granularity"] == "element":
+        return None, cool
+    alpha = torch.exp(stack0([s["log_step"] for s in sts]).to(wide)) * (ok * group["lr"])
+    return (alpha if cool is None else alpha * cool), cool
+
+
 def bias_corrections(base: str, betas: tuple[float, ...], t: Tensor) -> tuple[Tensor, Tensor]:
     """(bc1, bc2) at the step counts `t` (float64): ``1 - rho^t`` of adamw's first moment and ``sqrt(1 - lambda^t)``
     of a second moment (adamw, rmsprop); 1 where the rule corrects nothing (sgd's and lion's momentum)."""
@@ -309,16 +323,14 @@ def foreach_base_step(
     ok = okf.to(wide)
 
     # A = -alpha, masked: -ok * lr * exp(log_step) * s(t); one 0-d tensor per param, or param-shaped (element)
-    cool = cooldown_scale(group, stack0([s["block_step"] for s in sts]).to(torch.float64) + 1)
-    if group["granularity"] == "element":
+    alpha, cool = step_size(group, sts, ok, wide)
+    if alpha is None:
         A = torch._foreach_exp([s["log_step"] for s in sts])
         torch._foreach_mul_(A, ok * (-lr))
         if cool is not None:
-            torch._foreach_mul_(A, list(cool.to(wide).unbind(0)))
+            torch._foreach_mul_(A, list(cool.unbind(0)))
     else:
-        Avec = torch.exp(stack0([s["log_step"] for s in sts]).to(wide)) * (ok * (-lr))
-        if cool is not None:
-            Avec = Avec * cool.to(wide)
+        Avec = -alpha  # exact: the same bits as computing with -lr
         A = list(Avec.unbind(0))
 
     steps = [s["step"] for s in sts]
