@@ -548,9 +548,7 @@ class MetaOptimize(Optimizer):
         else:
             for group, members, z in _merge_meta(self._block_members(active, red, keys)):
                 meta_step_shared(self.state, group, members, z, okf)
-        if ok is not None:
-            counters = [self.state[p]["nonfinite_steps"] for _, _, plist in active for p in plist]
-            add0_(counters, 1.0 - okf.to(torch.float32))
+        _count_skipped(self.state, [p for _, _, plist in active for p in plist], ok, okf)
         return loss
 
     def _fused_on(self, group: dict[str, Any]) -> bool:
@@ -782,6 +780,14 @@ def _finite_guard(red: Tensor, skip: bool) -> tuple[Tensor | None, Tensor, Tenso
         return None, torch.ones((), dtype=red.dtype, device=red.device), red
     ok = torch.isfinite(red.sum())
     return ok, ok.to(red.dtype), torch.where(ok, red, torch.zeros((), dtype=red.dtype, device=red.device))
+
+
+def _count_skipped(
+    state: dict[Tensor, dict[str, Tensor]], params: list[Tensor], ok: Tensor | None, okf: Tensor
+) -> None:
+    """``nonfinite_steps += 1`` for every param of a skipped step (0 added otherwise; nothing without the guard)."""
+    if ok is not None:
+        add0_([state[p]["nonfinite_steps"] for p in params], 1.0 - okf.to(torch.float32))
 
 
 # Group hyper-parameters the base step (and, for element granularity, the in-place meta step) reads.

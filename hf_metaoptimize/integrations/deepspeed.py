@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import reduce_partial_sums
-from ..optimizer import MetaOptimize, _base_group_step, _merge_groups
+from ..optimizer import MetaOptimize, _base_group_step, _count_skipped, _finite_guard, _merge_groups
 from ..rules import meta_step_shared
 from .deepspeed_config import check_config
 
@@ -169,7 +169,7 @@ class ZeroPartitions:
         gran = opt._all_groups[0]["granularity"]
         ones = torch.ones(1, dtype=zvec.dtype, device=zvec.device)
         flag = reduce_partial_sums(zvec.sum().reshape(1), ones, [self.group])
-        ok, okf = _flag(flag[0], opt._all_groups[0]["skip_nonfinite"], zvec)
+        ok, okf, _ = _finite_guard(flag, opt._all_groups[0]["skip_nonfinite"])
         plist_all = [p for _, _, plist in active for p in plist]
         if gran != "element":
             contrib = zvec if ok is None else torch.where(ok, zvec, torch.zeros_like(zvec))
@@ -205,7 +205,7 @@ class ZeroPartitions:
                             by_group.setdefault(gi, []).append(t)
                     for gi, ml in by_group.items():
                         meta_step_shared(opt.state, opt._all_groups[gi], ml, zb, okf)
-        _count_skip(opt, plist_all, ok, okf)
+        _count_skipped(opt.state, plist_all, ok, okf)
 
     def _tensor_step(self, opt: MetaOptimize, group: dict[str, Any], t: Tensor, g: Tensor) -> None:
         """granularity="tensor" on one partition: each tensor piece is stepped as a tensor of its own (views into
@@ -229,27 +229,12 @@ class ZeroPartitions:
         idx = opt._cached_index(frag.index, h.device)
         full = torch.zeros(frag.n, dtype=h.dtype, device=h.device).index_add_(0, idx, zfrag)
         full = reduce_partial_sums(full, torch.ones_like(full), [self.group])
-        ok, okf = _flag(full.sum(), group["skip_nonfinite"], full)
+        ok, okf, full = _finite_guard(full, group["skip_nonfinite"])  # the flag, and z zeroed on a skipped step
         z = full.index_select(0, idx)
-        if ok is not None:
-            z = torch.where(ok, z, torch.zeros_like(z))
         if views:
             _base_group_step(pseudo, group, views, gviews, okf, ok is not None, opt._fused_on(group), own=False)
             meta_step_shared(pseudo, group, views, z, okf)
-        _count_skip(opt, [t], ok, okf)
-
-
-def _flag(total: Tensor, skip: bool, like: Tensor) -> tuple[Tensor | None, Tensor]:
-    """(ok, okf): the on-device finite flag of a reduced sum (None without the guard) and its 0/1 float."""
-    if not skip:
-        return None, torch.ones((), dtype=like.dtype, device=like.device)
-    ok = torch.isfinite(total)
-    return ok, ok.to(like.dtype)
-
-
-def _count_skip(opt: MetaOptimize, params: list[Tensor], ok: Tensor | None, okf: Tensor) -> None:
-    if ok is not None:
-        torch._foreach_add_([opt.state[p]["nonfinite_steps"] for p in params], 1.0 - okf.to(torch.float32))
+        _count_skipped(opt.state, [t], ok, okf)
 
 
 def refuse_unattached(opt: MetaOptimize) -> None:
