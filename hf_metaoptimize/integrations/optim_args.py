@@ -311,8 +311,6 @@ def resolve_spec(args: Any) -> dict[str, Any]:
     spec.update(given)
     if spec["meta_eps"] is not None and spec["meta"] != "adam":
         raise _fail(optim, f"meta_eps only applies to meta=adam (got meta={spec['meta']})")
-    if spec["log_step_min"] > spec["log_step_max"]:
-        raise _fail(optim, "log_step_min must be <= log_step_max")
     return spec
 
 
