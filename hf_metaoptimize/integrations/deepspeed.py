@@ -57,13 +57,10 @@ def _version() -> tuple[int, int]:
 
 def _find(obj: Any) -> tuple[Any, MetaOptimize]:
     """Walk engine / accelerate wrapper / ZeRO optimizer down to (zero_optimizer, MetaOptimize)."""
-    seen = 0
-    node, parent = obj, None
-    while node is not None and seen < 8:
+    chain = _walk(obj)
+    for parent, node in zip([None, *chain], chain):
         if isinstance(node, MetaOptimize):
             return parent, node
-        parent, node = node, getattr(node, "optimizer", None)
-        seen += 1
     raise ValueError(
         f"attach() expects a DeepSpeed engine (or its optimizer) built with a MetaOptimize client optimizer; "
         f"found no MetaOptimize inside {type(obj).__name__}"
@@ -307,6 +304,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple:
 
 
 def _walk(obj: Any) -> list[Any]:
+    """`obj`, its ``.optimizer``, that one's ``.optimizer``, ... (at most 8 deep)."""
     seen = []
     while obj is not None and len(seen) < 8:
         seen.append(obj)
