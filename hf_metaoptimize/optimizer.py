@@ -237,6 +237,7 @@ class MetaOptimize(Optimizer):
         normalize_group(defaults, where="MetaOptimize")
         super().__init__(params, defaults)
         self._index_cache: dict[Any, Tensor] = {}
+        self._views: dict[Tensor, list[Tensor]] = {}  # the compiled step's flat views of params and state
         # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
         # list around each step() call; this is how the optimizer still sees every block.
         self._all_groups = self.param_groups
@@ -266,6 +267,7 @@ class MetaOptimize(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._index_cache = {}
+        self._views = {}
         self._all_groups = self.param_groups
         self.__dict__.setdefault("_partitions", None)
         self.__dict__.setdefault("_skip_seen", None)
@@ -541,7 +543,8 @@ class MetaOptimize(Optimizer):
         ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
         for group, plist, glist, kappas in _merge_groups(active, grads, self._fused_on):
-            _base_group_step(self.state, group, plist, glist, okf, ok is not None, self._fused_on(group), kappas=kappas)
+            fused = self._fused_on(group)
+            _base_group_step(self.state, group, plist, glist, okf, ok is not None, fused, kappas, views=self._views)
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
             self._element_meta_steps(active, zelem, ok, okf)
@@ -859,6 +862,7 @@ def _base_group_step(
     fused: bool,
     own: bool | None = None,
     kappas: list[float] | None = None,
+    views: dict[Tensor, list[Tensor]] | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
@@ -874,7 +878,7 @@ def _base_group_step(
             from ._fused import bucket_step
 
             bucket_step(
-                state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize
+                state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize, views
             )
             continue
         sub = [params[i] for i in idx], [grads[i] for i in idx]
@@ -1033,6 +1037,7 @@ def _restore_wide_state(optimizer: MetaOptimize) -> None:
     counts = [st["block_step"] for st in optimizer.state.values() if isinstance(st, dict) and "block_step" in st]
     optimizer._calls = int(torch.cat([c.reshape(-1).cpu() for c in counts]).max()) if counts else 0  # at load
     optimizer._index_cache = {}
+    optimizer._views = {}  # views of the replaced state would keep it alive until the next step
     optimizer._pack_dirty = True
     optimizer._all_groups = optimizer.param_groups  # load_state_dict installs a new list
     optimizer._check_groups(force=True)  # loaded groups are validated now, not at the first step

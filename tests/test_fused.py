@@ -260,3 +260,35 @@ def test_default_picks_the_compiled_step_for_large_models_and_says_why_not_other
     assert o._auto_fused is False
     for p, q in zip(model.parameters(), runs[1][0].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # exactly the foreach path
+
+
+@pytest.mark.parametrize("replace", ["param data", "state tensor", "load_state_dict"])
+def test_fused_kernel_follows_replaced_storage(replace):
+    """The compiled step keeps flat views of params and state between steps: storage replaced under it (``p.data =
+    ...``, a new state tensor, a load) is what the next step reads and writes, never the old one."""
+    kw = dict(lr=1e-2, granularity="element", meta_lr=1e-2, weight_decay=0.1, fused=True)
+    plain, edited = _model(), _model()
+    opt_plain, opt_edit = MetaOptimize(plain.parameters(), **kw), MetaOptimize(edited.parameters(), **kw)
+    _train(plain, opt_plain, 4)
+    _train(edited, opt_edit, 4)
+    if replace == "param data":
+        for p in edited.parameters():
+            p.data = p.data.clone()  # same values, new storage
+    elif replace == "state tensor":
+        for st in opt_edit.state.values():
+            st["exp_avg"], st["trace"], st["log_step"] = (st[k].clone() for k in ("exp_avg", "trace", "log_step"))
+    else:
+        opt_edit.load_state_dict(io_roundtrip(opt_edit.state_dict()))
+    _train(plain, opt_plain, 4, seed=2)
+    _train(edited, opt_edit, 4, seed=2)
+    for p, q in zip(plain.parameters(), edited.parameters()):
+        assert torch.equal(p, q)
+        for k, v in opt_plain.state[p].items():
+            assert torch.equal(v, opt_edit.state[q][k]), k
+
+
+def io_roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
