@@ -195,7 +195,7 @@ def fused_step(
     states: Sequence[dict[str, Tensor]],
     rows: Tensor,
     eager: bool = False,
-    views: dict[Tensor, list[Tensor]] | None = None,
+    views: dict[int, list[Tensor]] | None = None,
 ) -> None:
     """Run the kernel of `config` (base, meta, element, sanitize) on rank-local params, grads and state, in
     place; ``rows[i]`` is tensor i's row (:data:`ROW`). `eager`: the same function uncompiled, one tensor at a
@@ -247,14 +247,15 @@ def _param_views(
     st: dict[str, Tensor],
     slots: tuple[str, ...],
     copies: list[tuple[Tensor, Tensor]],
-    cache: dict[Tensor, list[Tensor]] | None,
+    cache: dict[int, list[Tensor]] | None,
 ) -> list[Tensor]:
     """The kernel's inputs for `p` other than its grad, ``[p, *slots]``, as flat views: from
     `cache` when every tensor still has the storage its view was made from (one ``data_ptr`` comparison per
     tensor, ~6x cheaper than making the view: the view keeps that storage alive, so an equal address means the
-    same memory, whatever replaced the tensor object: a load, ``p.data = ...``). Non-contiguous tensors are
-    never cached (their contiguous copy is written back after the kernel)."""
-    cached = None if cache is None else cache.get(p)
+    same memory, whatever replaced the tensor object: a load, ``p.data = ...``; keyed by ``id(p)`` for the same
+    reason: a new param that reuses a dead one's id has other storage). Non-contiguous tensors are never cached
+    (their contiguous copy is written back after the kernel)."""
+    cached = None if cache is None else cache.get(id(p))
     if cached is not None and cached[0].data_ptr() == p.data_ptr() and cached[0].numel() == p.numel():
         for v, k in zip(cached[1:], slots):
             if v.data_ptr() != st[k].data_ptr():
@@ -272,9 +273,9 @@ def _param_views(
             copies.append((t, flat))
             out.append(flat)
     if cache is not None and contiguous:
-        cache[p] = out
+        cache[id(p)] = out
     elif cache is not None:
-        cache.pop(p, None)
+        cache.pop(id(p), None)
     return out
 
 
@@ -333,7 +334,7 @@ def bucket_step(
     okf: Tensor,
     dtype: torch.dtype,
     sanitize: bool,
-    views: dict[Tensor, list[Tensor]] | None = None,
+    views: dict[int, list[Tensor]] | None = None,
 ) -> None:
     """`fused=True`: the per-step numbers of every tensor, built with a few vectorised ops, then the compiled
     chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,

@@ -237,7 +237,7 @@ class MetaOptimize(Optimizer):
         normalize_group(defaults, where="MetaOptimize")
         super().__init__(params, defaults)
         self._index_cache: dict[Any, Tensor] = {}
-        self._views: dict[Tensor, list[Tensor]] = {}  # the compiled step's flat views of params and state
+        self._views: dict[int, list[Tensor]] = {}  # the compiled step's flat views of params and state
         # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
         # list around each step() call; this is how the optimizer still sees every block.
         self._all_groups = self.param_groups
@@ -862,7 +862,7 @@ def _base_group_step(
     fused: bool,
     own: bool | None = None,
     kappas: list[float] | None = None,
-    views: dict[Tensor, list[Tensor]] | None = None,
+    views: dict[int, list[Tensor]] | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
