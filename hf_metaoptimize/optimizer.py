@@ -536,15 +536,19 @@ class MetaOptimize(Optimizer):
             return loss
         if self.__dict__.get("_pack_dirty", True):
             self._pack_0d()
-        zvec, zelem = self._local_meta_grads(active, grads)
-        # one process / DDP: complete already; FSDP2: one all-reduce completes the shards' partial sums
-        zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
+        skip = self._all_groups[0]["skip_nonfinite"]
+        sums = skip or self._all_groups[0]["granularity"] != "element"  # else the meta step reads h * g alone
+        zvec, zelem = self._local_meta_grads(active, grads, sums)
+        if sums:  # one process / DDP: complete already; FSDP2: one all-reduce completes the shards' partial sums
+            zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
         red, keys = self._block_sums(active, zvec)
-        ok, okf, red = _finite_guard(red, self._all_groups[0]["skip_nonfinite"])
+        ok, okf, red = _finite_guard(red, skip)
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
         for group, plist, glist, kappas in _merge_groups(active, grads, self._fused_on):
             fused = self._fused_on(group)
-            _base_group_step(self.state, group, plist, glist, okf, ok is not None, fused, kappas, views=self._views)
+            _base_group_step(
+                self.state, group, plist, glist, okf, ok is not None, fused, kappas=kappas, views=self._views
+            )
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
             self._element_meta_steps(active, zelem, ok, okf)
@@ -676,26 +680,37 @@ class MetaOptimize(Optimizer):
         return out
 
     def _local_meta_grads(
-        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], grads: dict[int, list[Tensor]]
+        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], grads: dict[int, list[Tensor]], sums: bool
     ) -> tuple[Tensor, dict[int, list[Tensor]]]:
         """Algorithm 3 step 1 on rank-local tensors: one 0-d ``<h_p, g_p>`` per param, stacked; for element
-        granularity (foreach path) also the elementwise ``h * g`` per param, which the meta step consumes."""
+        granularity (foreach path) also the elementwise ``h * g`` per param, which the meta step consumes.
+        Without `sums` (element granularity and no guard: nothing reads them) the stack is empty, of the dtype
+        and device it would have had, and no dot product is computed (two reads of every weight saved)."""
         element = self._all_groups[0]["granularity"] == "element"
         zparts: list[Tensor] = []
         zelem: dict[int, list[Tensor]] = {}
+        kinds: set[tuple[torch.device, torch.dtype]] = set()
         for gi, group, plist in active:
             traces = [_local(self.state[p]["trace"]) for p in plist]
             gl = [_local(g) for g in grads[gi]]
             if element and not self._fused_on(group):
                 ze = torch._foreach_mul(traces, gl)
                 zelem[gi] = ze
-                zparts.extend(z.sum() for z in ze)
-            else:
+                if sums:
+                    zparts.extend(z.sum() for z in ze)
+            elif sums:
                 zparts.extend(torch.dot(h.reshape(-1), g.reshape(-1)) for h, g in zip(traces, gl))
-        if len({(z.device, z.dtype) for z in zparts}) > 1:  # params on several devices / of mixed precision
-            wide = torch.float64 if any(z.dtype == torch.float64 for z in zparts) else torch.float32
+            if not sums:
+                kinds.update((h.device, h.dtype) for h in traces)
+        kinds = kinds or {(z.device, z.dtype) for z in zparts}
+        if len(kinds) > 1:  # params on several devices / of mixed precision
+            wide = torch.float64 if any(dt == torch.float64 for _, dt in kinds) else torch.float32
             home = active[0][2][0].device
             zparts = [z.to(device=home, dtype=wide) for z in zparts]
+            kinds = {(home, wide)}
+        if not sums:
+            ((device, dtype),) = kinds
+            return torch.empty(0, dtype=dtype, device=device), zelem
         return torch.stack(zparts), zelem
 
     def _block_sums(

@@ -227,6 +227,11 @@ def _variant_cases() -> list[OptimCase]:
             dict(lr=1e-2, base="rmsprop", granularity="tensor", meta_lr=1e-2, betas=0.9, eps=1e-6, weight_decay=0.01),
         ),
         OptimCase("adamw-skip-nonfinite-off", dict(lr=1e-2, granularity="scalar", meta_lr=1e-2, skip_nonfinite=False)),
+        # element granularity without the guard computes no <h, g> sums at all (the meta step reads h * g)
+        OptimCase(
+            "adamw-skip-nonfinite-off-element",
+            dict(lr=1e-2, granularity="element", meta_lr=1e-2, weight_decay=0.1, skip_nonfinite=False),
+        ),
     ]
     return cases
 

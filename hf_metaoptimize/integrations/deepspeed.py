@@ -162,7 +162,7 @@ class ZeroPartitions:
         the LAST partition of a block sums the contributions of all of them (all ranks, one all-reduce) and
         applies the block's meta update to every member, so that the next base step of every member uses
         beta_{t+1}, exactly as in Algorithm 3."""
-        zvec, zelem = opt._local_meta_grads(active, grads)
+        zvec, zelem = opt._local_meta_grads(active, grads, sums=True)
         gran = opt._all_groups[0]["granularity"]
         ones = torch.ones(1, dtype=zvec.dtype, device=zvec.device)
         flag = reduce_partial_sums(zvec.sum().reshape(1), ones, [self.group])
