@@ -322,8 +322,24 @@ def _run_eager(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tenso
         t.copy_(flat.view(t.shape))
 
 
-# (hyper-parameter row, device, dtype) -> that row on the device (built once: no host-to-device copy per step)
+# (hyper-parameter rows, device, dtype) -> those rows on the device (built once: no host-to-device copy per step)
 _HYPER_ROWS: dict[tuple, Tensor] = {}
+
+
+def _hyper_rows(
+    group: dict[str, Any], n: int, kappas: list[float] | None, device: torch.device, wide: torch.dtype
+) -> Tensor:
+    """The (n, hyper) part of the kernel's rows: the group's hyper-parameters (:func:`hyper_row`), with tensor i's
+    weight decay ``kappas[i]`` where given; one device tensor per distinct layout, made once."""
+    own = kappas is None or all(k == group["weight_decay"] for k in kappas)
+    key = (hyper_row(group), None if own else tuple(kappas), device, wide)
+    rows = _HYPER_ROWS.get(key)
+    if rows is None:
+        if len(_HYPER_ROWS) > 256:
+            _HYPER_ROWS.clear()
+        values = key[0] if own else [hyper_row({**group, "weight_decay": k}) for k in kappas]
+        rows = _HYPER_ROWS[key] = torch.tensor(values, dtype=wide, device=device)
+    return rows.expand(n, -1) if own else rows
 
 
 def bucket_step(
@@ -335,10 +351,12 @@ def bucket_step(
     dtype: torch.dtype,
     sanitize: bool,
     views: dict[int, list[Tensor]] | None = None,
+    kappas: list[float] | None = None,
 ) -> None:
     """`fused=True`: the per-step numbers of every tensor, built with a few vectorised ops, then the compiled
     chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,
-    the meta step, CHUNK tensors per call. `views`: the optimizer's cache of flat views (:func:`fused_step`)."""
+    the meta step, CHUNK tensors per call. `views`: the optimizer's cache of flat views (:func:`fused_step`).
+    `kappas`: each tensor's weight decay (default: the group's; groups that differ in it alone step as one)."""
     base, betas, lr = group["base"], group["betas"], group["lr"]
     element = group["granularity"] == "element"
     wide = wide_dtype(dtype)
@@ -367,15 +385,9 @@ def bucket_step(
         s64 = stack0(S).to(torch.float64).clamp(min=1)
         b1, b2 = group["meta_betas"]
         mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
-    hyper = hyper_row(group)
-    hkey = (hyper, t.device, wide)
-    hrow = _HYPER_ROWS.get(hkey)
-    if hrow is None:
-        if len(_HYPER_ROWS) > 256:
-            _HYPER_ROWS.clear()
-        hrow = _HYPER_ROWS[hkey] = torch.tensor(hyper, dtype=wide, device=t.device)
+    hyper = _hyper_rows(group, n, kappas, t.device, wide)
     cols = [ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide), gate]
-    rows = torch.cat([torch.stack(cols, dim=1), hrow.expand(n, -1)], dim=1)
+    rows = torch.cat([torch.stack(cols, dim=1), hyper], dim=1)
     if any_dtensor(params):
         params, grads = [local_tensor(p) for p in params], [local_tensor(g) for g in grads]
         sts = [{k: local_tensor(v) for k, v in st.items()} for st in sts]

@@ -808,12 +808,12 @@ def _count_skipped(
         add0_([state[p]["nonfinite_steps"] for p in params], 1.0 - okf.to(torch.float32))
 
 
-# Group hyper-parameters the base step (and, for element granularity, the in-place meta step) reads.
+# Group hyper-parameters the base step (and, for element granularity, the in-place meta step) reads, but the
+# weight decay: both paths take it per tensor.
 _STEP_KEYS = (
     "lr",
     "betas",
     "eps",
-    "weight_decay",
     "gamma",
     "foreach",
     "fused",
@@ -825,22 +825,22 @@ _STEP_KEYS = (
     "meta_eps",
     "log_step_bounds",
 )
-# The foreach path takes the weight decay per tensor.
-_STEP_KEYS_FOREACH = tuple(k for k in _STEP_KEYS if k != "weight_decay")
 
 
 def _merge_groups(
     active, grads, fused_of: Callable[[dict[str, Any]], bool]
 ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[float]]]:
     """(group, params, grads, weight decays) with every active group whose step hyper-parameters are equal merged
-    into one: per-layer groups then cost one set of foreach calls, not one per group. On the foreach path groups
-    that differ in weight decay alone merge too (the decay / no-decay split every Trainer run has): the weight
-    decay goes per tensor. The math is per tensor, so merging changes no number."""
+    into one: per-layer groups then cost one set of foreach calls (or compiled chunk calls), not one per group.
+    Groups that differ in weight decay alone merge too (the decay / no-decay split every Trainer run has): the
+    weight decay goes per tensor (the foreach decay terms per distinct value, the compiled kernel's rows per
+    tensor). The math is per tensor, so merging changes no number."""
     merged: dict[tuple, tuple[dict[str, Any], list[Tensor], list[Tensor], list[float]]] = {}
     for gi, group, plist in active:
-        fused = fused_of(group)
-        keys = _STEP_KEYS if fused else _STEP_KEYS_FOREACH
-        key = (fused, *(("tensor", id(v)) if isinstance(v := group.get(k), Tensor) else v for k in keys))
+        key = (
+            fused_of(group),
+            *(("tensor", id(v)) if isinstance(v := group.get(k), Tensor) else v for k in _STEP_KEYS),
+        )
         if key not in merged:
             merged[key] = (group, [], [], [])
         merged[key][1].extend(plist)
@@ -889,16 +889,14 @@ def _base_group_step(
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
+        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+        decay = None if kappas is None else [kappas[i] for i in idx]
         if fused:  # the per-tensor kernel: compiled, or eagerly for foreach=False
             from ._fused import bucket_step
 
-            bucket_step(
-                state, group, [params[i] for i in idx], [grads[i] for i in idx], okf.to(device), dtype, sanitize, views
-            )
+            bucket_step(state, group, ps, gs, okf.to(device), dtype, sanitize, views, decay)
             continue
-        sub = [params[i] for i in idx], [grads[i] for i in idx]
-        decay = None if kappas is None else [kappas[i] for i in idx]
-        foreach_base_step(state, group, *sub, okf.to(device), dtype, sanitize, own, decay)
+        foreach_base_step(state, group, ps, gs, okf.to(device), dtype, sanitize, own, decay)
 
 
 # ---------------------------------------------------------------------- checkpoint precision
