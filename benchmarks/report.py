@@ -1130,8 +1130,10 @@ def _text(summaries: dict[str, dict], overhead: dict) -> str:
             lines.append(f"  goals {c}: " + "; ".join(f"{k} {v['text']}" for k, v in g.items()).replace("**", ""))
     for r in overhead.get("step", {}).get("rows", []):
         lines.append(f"step {r['optimizer']:<20}{r['ratio']:.2f}x AdamW")
-    for r in overhead.get("trainer", {}).get("rows", []):
-        lines.append(f"Trainer {r['optimizer']:<24}{r['ratio']:.3f}x adamw_torch")
+    trainer_rows = overhead.get("trainer", {}).get("rows", [])
+    anchor = "adamw_torch_fused" if any(r["optimizer"] == "adamw_torch_fused" for r in trainer_rows) else "adamw_torch"
+    for r in trainer_rows:
+        lines.append(f"Trainer {r['optimizer']} {r['ratio']:.3f}x {anchor}")
     return "\n".join(lines)
 
 
