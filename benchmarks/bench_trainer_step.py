@@ -10,6 +10,10 @@ the first `--skip` steps of every chunk are dropped. The `optimizer.step()` call
 adamw_torch_fused (`ratio_adamw_torch`: / adamw_torch). Prints a table and writes JSON.
 
     python -m benchmarks.bench_trainer_step [--rounds 4] [--steps 25] [--json benchmarks/results/trainer_step.json]
+
+On a GPU (the issue's GPU check, ``benchmarks/gpu_check.py``): ``--device cuda --model llama --synthetic`` trains a
+small Llama (4 layers, d=256, GQA 8/4 heads) in bf16 mixed precision on random token windows (no tokenizer or
+data package needed; timing does not depend on the text), synchronizing the device at every timed boundary.
 """
 
 from __future__ import annotations
@@ -37,6 +41,22 @@ CONTENDERS = {
 }
 
 
+#: The small Llama of the GPU check (``--model llama``): ~5M weights with the 1024-token vocabulary.
+LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+
+
+def build(model: str, cfg: dict, vocab: int, eos: int):
+    """The benchmark's model: the Shakespeare GPT-2 of `benchmarks.task_lm`, or the small Llama (:data:`LLAMA`)."""
+    if model == "gpt2":
+        return task_lm.build_model(cfg, vocab, eos)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **LLAMA, vocab_size=vocab, max_position_embeddings=cfg["context"], bos_token_id=eos, eos_token_id=eos
+    )
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+
+
 class _Windows(torch.utils.data.Dataset):
     def __init__(self, stream, context: int, count: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -58,6 +78,9 @@ def measure(
     cache_dir: str | None,
     contenders: dict | None = None,
     config: dict | None = None,
+    model: str = "gpt2",
+    device: str = "cpu",
+    synthetic: bool = False,
 ) -> dict:
     common.single_thread()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,9 +93,15 @@ def measure(
     transformers.logging.set_verbosity_error()
     contenders = contenders or CONTENDERS
     cfg = {**task_lm.DEFAULT_CONFIG, **(config or {})}
-    toks = data.lm_tokens(cfg["vocab_size"], cache_dir)
+    if synthetic:  # random windows: the same step cost, no tokenizer or text needed
+        stream = torch.randint(0, cfg["vocab_size"], (1 << 20,), generator=torch.Generator().manual_seed(0))
+        toks = {"train": stream.numpy(), "vocab_size": cfg["vocab_size"], "eos": 0, "sha256": "synthetic"}
+    else:
+        toks = data.lm_tokens(cfg["vocab_size"], cache_dir)
     torch.manual_seed(0)
-    model0 = task_lm.build_model(cfg, toks["vocab_size"], toks["eos"])
+    model0 = build(model, cfg, toks["vocab_size"], toks["eos"])
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     ds = _Windows(toks["train"], cfg["context"], steps * cfg["batch_size"], seed=0)
     times: dict[str, list[float]] = {k: [] for k in contenders}
     opt_times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -84,15 +113,19 @@ def measure(
             self.opt_dts: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):
+            sync()
             self.t = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
+            sync()
             self.t_opt = time.perf_counter()
 
         def on_optimizer_step(self, args, state, control, **kw):
+            sync()
             self.opt_dts.append(time.perf_counter() - self.t_opt)
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             self.dts.append(time.perf_counter() - self.t)
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_step_") as out:
@@ -111,7 +144,8 @@ def measure(
                     logging_steps=10,
                     save_strategy="no",
                     report_to=[],
-                    use_cpu=True,
+                    use_cpu=not cuda,
+                    bf16=cuda,  # what GPU fine-tuning runs: bf16 autocast over float32 weights
                     disable_tqdm=True,
                     dataloader_num_workers=0,
                     seed=0,
@@ -142,7 +176,12 @@ def measure(
         )
     return {
         "benchmark": "trainer_step",
-        "model": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "context", "batch_size", "vocab_size")},
+        "model": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "context", "batch_size", "vocab_size")}
+        if model == "gpt2"
+        else {"llama": LLAMA, **{k: cfg[k] for k in ("context", "batch_size", "vocab_size")}},
+        "model_kind": model,
+        "device": device,
+        "card": torch.cuda.get_device_name(device) if cuda else None,
         "parameters": sum(p.numel() for p in model0.parameters()),
         "rounds": rounds,
         "steps_per_chunk": steps,
@@ -157,7 +196,8 @@ def measure(
 
 def print_table(result: dict) -> None:
     print(
-        f"Trainer step on the Shakespeare GPT-2 ({result['parameters'] / 1e3:.0f}k weights), "
+        f"Trainer step on the {'Shakespeare GPT-2' if result.get('model_kind', 'gpt2') == 'gpt2' else 'small Llama'} "
+        f"({result['parameters'] / 1e3:.0f}k weights, {result.get('device', 'cpu')}), "
         f"{result['rounds']} interleaved rounds x {result['steps_per_chunk']} steps, 1 thread"
     )
     print(f"{'optimizer':<30}{'median ms':>10}{'x fused AdamW':>15}{'x adamw_torch':>15}{'optimizer.step ms':>19}")
@@ -177,13 +217,18 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/trainer_step.json")
     ap.add_argument("--cache_dir", default="benchmarks/results/cache")
     ap.add_argument("--quick", action="store_true", help="the tiny model of the quick suite (smoke test)")
+    ap.add_argument("--model", choices=["gpt2", "llama"], default="gpt2", help="gpt2 (default) or the small Llama")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    ap.add_argument("--synthetic", action="store_true", help="random token windows instead of the plays")
     a = ap.parse_args()
     config = None
     if a.quick:
         from .suites import TASKS
 
         config = TASKS["quick"]["shakespeare"]["config"]
-    result = measure(a.rounds, a.steps, a.skip, a.cache_dir, config=config)
+    result = measure(
+        a.rounds, a.steps, a.skip, a.cache_dir, config=config, model=a.model, device=a.device, synthetic=a.synthetic
+    )
     print_table(result)
     common.write_json(a.json, result)
     print(f"wrote {a.json}")

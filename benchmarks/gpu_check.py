@@ -19,6 +19,9 @@ Checks (each in its own process, each with a timeout, all results in OUT/gpu_che
   ``(foreach=True)``, each in the transformer layout and split into >= 300 tensors, bf16 params: every
   MetaOptimize row at ~100M weights, and the default (automatic: the compiled step), ``fused=True`` and
   element granularity at ~1B weights (the first step's time is the kernel's compile; it is reported apart).
+- ``trainer_step``: ``benchmarks/bench_trainer_step.py`` on the GPU: the Trainer step of a small Llama (bf16
+  autocast, random token windows) with ``--optim metaoptimize`` (scalar / layer / tensor, and ``fused=True``)
+  against ``--optim adamw_torch_fused`` and ``adamw_torch``. (``--cpu``: one short round on CPU.)
 
 The training runs use a tiny GPT-2 built from a config and synthetic token sequences (no hub, no ``datasets``),
 so the only packages needed are torch, transformers and accelerate (and deepspeed for its check).
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("overflow", "fsdp2_resume", "ds_zero2_bf16", "step")
+CHECKS = ("overflow", "fsdp2_resume", "ds_zero2_bf16", "step", "trainer_step")
 TRAIN_ARGS = [
     "--optim",
     "metaoptimize",
@@ -305,6 +308,16 @@ def check_step(out: Path, cpu: bool) -> dict:
             return {"ok": False, "tail": tail, **results}
         results[weights] = json.loads((out / name).read_text())
     return {"ok": True, **results}
+
+
+def check_trainer_step(out: Path, cpu: bool) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_trainer_step", "--model", "llama", "--synthetic"]
+    cmd += ["--device", "cpu" if cpu else "cuda", "--json", out / "trainer_step.json"]
+    cmd += ["--rounds", "1", "--steps", "5", "--skip", "2"] if cpu else ["--rounds", "4", "--steps", "25"]
+    rc, tail = _run(cmd, 900)
+    if rc != 0:
+        return {"ok": False, "tail": tail}
+    return {"ok": True, **json.loads((out / "trainer_step.json").read_text())}
 
 
 def main(argv: list[str] | None = None) -> int:

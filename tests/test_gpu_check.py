@@ -28,3 +28,19 @@ def test_gpu_check_refuses_to_run_without_cuda_unless_dry(tmp_path):
         pytest.skip("a GPU is present")
     proc = run([sys.executable, "-m", "benchmarks.gpu_check", "--out", tmp_path], timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--cpu" in proc.stderr
+
+
+@pytest.mark.slow
+def test_trainer_step_check_dry_run_on_cpu(tmp_path):
+    """The GPU check's Trainer bench (small Llama, random windows) runs end to end and times every contender."""
+    proc = run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", "trainer_step", "--out", tmp_path],
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())["trainer_step"]
+    assert result["ok"] and result["model_kind"] == "llama" and result["device"] == "cpu"
+    names = [r["optimizer"] for r in result["rows"]]
+    assert names[0] == "adamw_torch_fused" and "metaoptimize (scalar, fused)" in names
+    assert all(r["median_ms"] > 0 and r["steps_timed"] > 0 for r in result["rows"])
