@@ -301,6 +301,7 @@ class MetaOptimize(Optimizer):
                 check_lr(lr, f"param group {gi}")
         if changed or len(snaps) != len(groups):
             self._check_across(groups)
+            self._views.clear()  # params may have left: their views must not keep them (and their state) alive
             snaps.clear()
             snaps.update((gi, _snapshot(group)) for gi, group in enumerate(groups))
 
