@@ -249,12 +249,12 @@ def _param_views(
     copies: list[tuple[Tensor, Tensor]],
     cache: dict[int, list[Tensor]] | None,
 ) -> list[Tensor]:
-    """The kernel's inputs for `p` other than its grad, ``[p, *slots]``, as flat views: from
-    `cache` when every tensor still has the storage its view was made from (one ``data_ptr`` comparison per
-    tensor, ~6x cheaper than making the view: the view keeps that storage alive, so an equal address means the
-    same memory, whatever replaced the tensor object: a load, ``p.data = ...``; keyed by ``id(p)`` for the same
-    reason: a new param that reuses a dead one's id has other storage). Non-contiguous tensors are never cached
-    (their contiguous copy is written back after the kernel)."""
+    """The kernel's inputs for `p` other than its grad, ``[p, *slots]``, as flat views, taken from `cache` when
+    every tensor still has the storage its view was made from: one ``data_ptr`` comparison per tensor, ~6x cheaper
+    than making the view. A cached view keeps its storage alive, so an equal address means the same memory,
+    whatever replaced the tensor object (a load, a new state tensor, ``p.data = ...``). Keyed by ``id(p)`` (a
+    tensor key costs a Python-level ``__hash__``; the views hold `p`, so its id is not reused while cached).
+    Non-contiguous tensors are never cached (their contiguous copy is written back after the kernel)."""
     cached = None if cache is None else cache.get(id(p))
     if cached is not None and cached[0].data_ptr() == p.data_ptr() and cached[0].numel() == p.numel():
         for v, k in zip(cached[1:], slots):
