@@ -9,15 +9,20 @@ import pytest
 from _proc import ROOT, run
 
 
-@pytest.mark.slow
-def test_overflow_check_dry_run_on_cpu(tmp_path):
+def _dry_run(tmp_path, check: str) -> dict:
+    """One check of the GPU script, run on CPU (``--cpu``); its entry of gpu_check.json."""
     proc = run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", "overflow", "--out", tmp_path],
+        [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", check, "--out", tmp_path],
         timeout=300,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())["overflow"]
+    return json.loads((tmp_path / "gpu_check.json").read_text())[check]
+
+
+@pytest.mark.slow
+def test_overflow_check_dry_run_on_cpu(tmp_path):
+    result = _dry_run(tmp_path, "overflow")
     # no scaler on CPU: MetaOptimize itself saw the inf step, counted it and changed nothing else
     assert result["ok"] and result["changed"] == [] and result["nonfinite_steps_added"] == [1.0]
 
@@ -33,13 +38,7 @@ def test_gpu_check_refuses_to_run_without_cuda_unless_dry(tmp_path):
 @pytest.mark.slow
 def test_trainer_step_check_dry_run_on_cpu(tmp_path):
     """The GPU check's Trainer bench (small Llama, random windows) runs end to end and times every contender."""
-    proc = run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--only", "trainer_step", "--out", tmp_path],
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())["trainer_step"]
+    result = _dry_run(tmp_path, "trainer_step")
     assert result["ok"] and result["model_kind"] == "llama" and result["device"] == "cpu"
     names = [r["optimizer"] for r in result["rows"]]
     assert names[0] == "adamw_torch_fused" and "metaoptimize (scalar, fused)" in names
