@@ -62,6 +62,7 @@ PER_GROUP_GROUPS: tuple[dict[str, Any], ...] = (
     {"params": ("norm.weight", "conv.weight"), "lr": 5e-3, "meta_lr": 2e-2, "gamma": 0.9},
 )
 SINGLE_GROUP = None  # one plain list of all params
+NO_DECAY = ("attn.qkv.bias", "norm.weight")  # the Trainer's no-decay group: biases and norms
 
 DEFAULT_LR = {"adamw": 1e-2, "lion": 3e-3, "sgd": 5e-2, "rmsprop": 1e-2}
 LATE_STEPS = 7  # params in OptimCase.late get no grad for their first LATE_STEPS steps
@@ -227,6 +228,18 @@ def _variant_cases() -> list[OptimCase]:
             dict(lr=1e-2, base="rmsprop", granularity="tensor", meta_lr=1e-2, betas=0.9, eps=1e-6, weight_decay=0.01),
         ),
         OptimCase("adamw-skip-nonfinite-off", dict(lr=1e-2, granularity="scalar", meta_lr=1e-2, skip_nonfinite=False)),
+        # the Trainer's split: two groups that differ in weight decay alone step as one (foreach and compiled)
+        *(
+            OptimCase(
+                f"adamw-decay-split-{granularity}",
+                dict(lr=1e-2, granularity=granularity, meta_lr=1e-2, gamma=0.99),
+                groups=(
+                    {"params": tuple(n for n in PARAM_SHAPES if n not in NO_DECAY), "weight_decay": 0.1},
+                    {"params": NO_DECAY, "weight_decay": 0.0},
+                ),
+            )
+            for granularity in ("tensor", "element")
+        ),
         # element granularity without the guard computes no <h, g> sums at all (the meta step reads h * g)
         OptimCase(
             "adamw-skip-nonfinite-off-element",

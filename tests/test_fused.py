@@ -36,6 +36,8 @@ NAMED = (
     "adamw-per-group-block",
     "adamw-skip-nonfinite-off",
     "adamw-skip-nonfinite-off-element",
+    "adamw-decay-split-tensor",
+    "adamw-decay-split-element",
     "paper-adamw-lion-element",
     "paper-adamw-adam-element",
     "paper-lion-lion-scalar",
