@@ -107,6 +107,10 @@ def measure(shapes: list[tuple[int, ...]], device: torch.device, args: argparse.
         "mo_tensor": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="tensor"),
         "mo_element": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="element"),
         "mo_scalar_noskip": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, skip_nonfinite=False),
+        # element granularity without the guard computes no meta-gradient sums (the meta step reads h * g)
+        "mo_element_noskip": lambda ps: MetaOptimize(
+            ps, lr=1e-3, weight_decay=0.1, granularity="element", skip_nonfinite=False
+        ),
         # fused=True: the chunked compiled kernel (compiled or loaded from the cache at the first step)
         "mo_scalar_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="scalar", fused=True),
         "mo_tensor_fused": lambda ps: MetaOptimize(ps, lr=1e-3, weight_decay=0.1, granularity="tensor", fused=True),

@@ -696,7 +696,7 @@ def overhead_section(out: Path) -> tuple[str, dict]:
             "`--optim adamw_torch_fused` (the Trainer's default on torch >= 2.8) runs; "
             f"{s['threads']} thread, torch {s['torch']}, A/B interleaved rounds, medians. `mo_*` rows are the default "
             "path (`fused=None`: the compiled step from 2M weights on, where it compiles), `*_fused` ask for it, "
-            '`mo_scalar_noskip` has no non-finite guard; "first step" includes compiling or loading the kernel '
+            '`*_noskip` rows have no non-finite guard; "first step" includes compiling or loading the kernel '
             "(compiled packages are cached on disk, so it is paid once per machine)."
         ]
         for name, layout in layouts.items():
