@@ -200,7 +200,7 @@ def fused_step(
     """Run the kernel of `config` (base, meta, element, sanitize) on rank-local params, grads and state, in
     place; ``rows[i]`` is tensor i's row (:data:`ROW`). `eager`: the same function uncompiled, one tensor at a
     time (``foreach=False``: the per-tensor ground truth of the fast paths, no compiler needed). `views`: the
-    caller's cache of each param's flat views (:func:`_param_views`; kept by the optimizer, not here, so that
+    caller's cache of each param's flat views (:func:`_kernel_inputs`; kept by the optimizer, not here, so that
     it never outlives the tensors it points into)."""
     if eager:
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
@@ -215,8 +215,7 @@ def fused_step(
         if p.numel() < 2:  # the kernel's sizes are >= 2 (size 1 would be specialised): run it uncompiled
             tiny.append(i)
             continue
-        pv = _param_views(p, st, slots, copies, views)
-        items.append([pv[0], _flat_grad(g), *pv[1:]])
+        items.append(_kernel_inputs(p, g, st, slots, copies, views))
     if items:
         fn = _runner(key, config, slots, dtypes, device)
         sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
@@ -242,26 +241,31 @@ def fused_step(
         _run_eager(config, params[i], grads[i], states[i], rows[i])
 
 
-def _param_views(
+def _kernel_inputs(
     p: Tensor,
+    g: Tensor,
     st: dict[str, Tensor],
     slots: tuple[str, ...],
     copies: list[tuple[Tensor, Tensor]],
-    cache: dict[int, list[Tensor]] | None,
+    cache: dict[int, list[Tensor]] | None = None,
 ) -> list[Tensor]:
-    """The kernel's inputs for `p` other than its grad, ``[p, *slots]``, as flat views, taken from `cache` when
+    """``[p, g, *slots]`` as the kernel reads them: flat views, or for a non-contiguous tensor (e.g. a channels_last
+    param's moments) a contiguous copy, recorded in `copies` to be written back after the kernel (never the grad).
+
+    With `cache` (the optimizer's, keyed by ``id(p)``), the views of p and its state are made once and reused while
     every tensor still has the storage its view was made from: one ``data_ptr`` comparison per tensor, ~6x cheaper
     than making the view. A cached view keeps its storage alive, so an equal address means the same memory,
-    whatever replaced the tensor object (a load, a new state tensor, ``p.data = ...``). Keyed by ``id(p)`` (a
-    tensor key costs a Python-level ``__hash__``; the views hold `p`, so its id is not reused while cached).
-    Non-contiguous tensors are never cached (their contiguous copy is written back after the kernel)."""
+    whatever replaced the tensor object (a load, a new state tensor, ``p.data = ...``); the views hold `p`, so its
+    id is not reused while cached (a tensor key would cost a Python-level ``__hash__``). Non-contiguous tensors are
+    never cached. The grad is new at every step: its view is made each time."""
+    flat_g = g.view(-1) if g.is_contiguous() else g.contiguous().view(-1)
     cached = None if cache is None else cache.get(id(p))
     if cached is not None and cached[0].data_ptr() == p.data_ptr() and cached[0].numel() == p.numel():
         for v, k in zip(cached[1:], slots):
             if v.data_ptr() != st[k].data_ptr():
                 break
         else:
-            return list(cached)
+            return [cached[0], flat_g, *cached[1:]]
     out = []
     contiguous = True
     for t in (p, *(st[k] for k in slots)):
@@ -276,36 +280,14 @@ def _param_views(
         cache[id(p)] = out
     elif cache is not None:
         cache.pop(id(p), None)
-    return out
-
-
-def _flat_grad(g: Tensor) -> Tensor:
-    """The grad as the kernel reads it (flat; a contiguous copy if it is not contiguous: never written)."""
-    return g.view(-1) if g.is_contiguous() else g.contiguous().view(-1)
-
-
-def _flat_views(
-    p: Tensor, g: Tensor, st: dict[str, Tensor], slots: tuple[str, ...], copies: list[tuple[Tensor, Tensor]]
-) -> list[Tensor]:
-    """p, g and the state slots as flat contiguous views; a non-contiguous one (e.g. a channels_last param's
-    moments) as a contiguous copy, recorded in `copies` to be written back after the kernel (never the grad)."""
-    out = []
-    for t in (p, g, *(st[k] for k in slots)):
-        if t.is_contiguous():
-            out.append(t.view(-1))
-        else:
-            flat = t.contiguous().view(-1)
-            if t is not g:
-                copies.append((t, flat))
-            out.append(flat)
-    return out
+    return [out[0], flat_g, *out[1:]]
 
 
 def _run_eager(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor], row: Tensor) -> None:
     """`tensor_step` uncompiled on one tensor (contiguous flat views; a non-contiguous tensor through a copy)."""
     slots = kernel_slots(config["base"], config["element"], config["meta"])
     copies: list[tuple[Tensor, Tensor]] = []
-    views = dict(zip(("p", "g", *slots), _flat_views(p, g, st, slots, copies)))
+    views = dict(zip(("p", "g", *slots), _kernel_inputs(p, g, st, slots, copies)))
     tensor_step(
         views["p"],
         views["g"],
