@@ -701,9 +701,7 @@ class MetaOptimize(Optimizer):
                     zparts.extend(z.sum() for z in ze)
             elif sums:
                 zparts.extend(torch.dot(h.reshape(-1), g.reshape(-1)) for h, g in zip(traces, gl))
-            if not sums:
-                kinds.update((h.device, h.dtype) for h in traces)
-        kinds = kinds or {(z.device, z.dtype) for z in zparts}
+            kinds.update((h.device, h.dtype) for h in traces)  # each z_p's: the grads are in the trace's dtype
         if len(kinds) > 1:  # params on several devices / of mixed precision
             wide = torch.float64 if any(dt == torch.float64 for _, dt in kinds) else torch.float32
             home = active[0][2][0].device
@@ -1025,15 +1023,14 @@ def _stash_wide_state(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> No
 def _copy_packed_state(optimizer: MetaOptimize, state_dict: dict[str, Any]) -> dict[str, Any]:
     """state_dict post-hook: the packed 0-d state (:meth:`MetaOptimize._pack_0d`) goes out as copies, plain 0-d
     tensors of their own, so a checkpoint writer never sees (or saves) the vector behind them."""
+
+    def view0(v: Any) -> bool:
+        return isinstance(v, Tensor) and v.dim() == 0 and v._base is not None
+
     state = {}
     for pid, st in state_dict["state"].items():
-        if isinstance(st, dict) and any(
-            isinstance(v, Tensor) and v.dim() == 0 and v._base is not None for v in st.values()
-        ):
-            st = {
-                k: (v.clone() if isinstance(v, Tensor) and v.dim() == 0 and v._base is not None else v)
-                for k, v in st.items()
-            }
+        if isinstance(st, dict) and any(view0(v) for v in st.values()):
+            st = {k: v.clone() if view0(v) else v for k, v in st.items()}
         state[pid] = st
     return {**state_dict, "state": state}
 
