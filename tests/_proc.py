@@ -6,11 +6,14 @@ No torch import here: tests that only launch subprocesses stay light.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +94,53 @@ def tiny_clm_step_size_logs(out: Path) -> list[dict]:
     logs = [e for e in history if "loss" in e]
     assert len(logs) == 2 and all("step_size/transformer.h.0" in e for e in logs)
     return logs
+
+
+# DeepSpeed on the CPU accelerator JIT-builds a C++ op (deepspeed_shm_comm, ~1 min on 2 cores) the first time a
+# process initialises its comm backend, and every later launch re-checks it, both under torch's lock file in the
+# extensions folder. A launch killed while it holds that lock (a test timeout during the first build) leaves it
+# behind, and every later DeepSpeed launch on the machine then waits on it forever. So the tests launch DeepSpeed
+# with an extensions folder of their own, one launch at a time under a lock of their own that the OS drops with
+# its holder (flock): any torch lock found while holding it is stale and is removed, and the op is built once per
+# session before the first launch, untimed by any test.
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "none"
+
+
+DS_EXTENSIONS = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "hf_metaoptimize-tests"
+    / f"torch_ext-py{sys.version_info.major}{sys.version_info.minor}-torch{_version('torch')}"
+)
+DS_ENV = {**ENV, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(DS_EXTENSIONS)}
+_BUILD_DS_OPS = (
+    "from deepspeed.comm.torch import build_shm_op; op = build_shm_op(); "
+    "print('built' if op is not None else 'not needed on this machine')"
+)
+_ds_built: list[str] = []
+
+
+@contextlib.contextmanager
+def deepspeed_cpu_launches(build_timeout: int = 900):
+    """Hold the tests' DeepSpeed lock for one test's launches (with ``DS_ENV``): clear stale torch locks, build
+    DeepSpeed's CPU ops first if this session has not. Raises with the build's output if the build fails, so that
+    no test runs into a half-built op."""
+    DS_EXTENSIONS.mkdir(parents=True, exist_ok=True)
+    with open(DS_EXTENSIONS / "hf_metaoptimize-tests.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # a live holder (another test session) is waited for; a dead one holds none
+        for stale in DS_EXTENSIONS.glob("*/lock"):
+            stale.unlink()
+        if not _ds_built:
+            proc = run_python(["-c", _BUILD_DS_OPS], timeout=build_timeout, env=DS_ENV)
+            if proc.returncode != 0:
+                for stale in DS_EXTENSIONS.glob("*/lock"):
+                    stale.unlink()
+                raise RuntimeError(
+                    f"building DeepSpeed's CPU ops failed (exit {proc.returncode}): "
+                    f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+                )
+            _ds_built.append(proc.stdout.strip())
+        yield DS_ENV

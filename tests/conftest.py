@@ -5,3 +5,17 @@ import os
 # The compiled (fused) step in chunks of 2 tensors: the same code path as the default 16, a faster compile.
 # tests/test_fused.py::test_fused_production_chunk runs the real chunk size once.
 os.environ.setdefault("HF_METAOPTIMIZE_FUSED_CHUNK", "2")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def deepspeed_cpu_ops():
+    """The environment for a test's DeepSpeed CPU launches, with DeepSpeed's ops built and no stale build lock
+    (tests/_proc.py, ``deepspeed_cpu_launches``, says why)."""
+    pytest.importorskip("deepspeed")
+    from _proc import deepspeed_cpu_launches
+
+    with deepspeed_cpu_launches() as env:
+        yield env

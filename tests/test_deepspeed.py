@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _proc import ENV, rank_reports, torchrun  # noqa: E402
+from _proc import rank_reports, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 CASES = [(s, g, False) for s in (1, 2, 3) for g in ("scalar", "block", "tensor", "element")]
@@ -18,11 +18,10 @@ CASES += [(2, "block", True), (3, "tensor", True)]  # fused=True on flat partiti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,granularity,fused", CASES)
-def test_zero_two_ranks_match_one_process_and_resume(stage, granularity, fused, tmp_path):
-    pytest.importorskip("deepspeed")
+def test_zero_two_ranks_match_one_process_and_resume(stage, granularity, fused, tmp_path, deepspeed_cpu_ops):
     args = [WORKER, "--stage", stage, "--granularity", granularity, "--out", tmp_path]
     args += ["--fused"] if fused else []
-    rank_reports(tmp_path, torchrun(2, args, timeout=280, env={**ENV, "DS_ACCELERATOR": "cpu"}))
+    rank_reports(tmp_path, torchrun(2, args, timeout=280, env=deepspeed_cpu_ops))
 
 
 def test_config_checks_name_the_fix():
@@ -71,3 +70,17 @@ def test_shipped_configs_keep_metaoptimize():
     assert stages == {"ds_zero2": 2, "ds_zero2_offload": 2, "ds_zero3": 3}
     fsdp = yaml.safe_load((root / "accelerate_fsdp2.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+
+
+def test_a_killed_build_does_not_hang_later_launches():
+    """torch's extension lock left by a launch killed mid-build is cleared before the next DeepSpeed launch (it
+    would wait on it forever), and the op is there to load."""
+    pytest.importorskip("deepspeed")
+    from _proc import DS_EXTENSIONS, deepspeed_cpu_launches
+
+    stale = DS_EXTENSIONS / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.touch()
+    with deepspeed_cpu_launches() as env:
+        assert not stale.exists()
+        assert env["TORCH_EXTENSIONS_DIR"] == str(DS_EXTENSIONS)

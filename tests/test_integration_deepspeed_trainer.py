@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from _proc import ENV, QUICK_TRAIN, ROOT, SCRIPTS, torchrun
+from _proc import QUICK_TRAIN, ROOT, SCRIPTS, torchrun
 
 
 @pytest.mark.slow
-def test_trainer_deepspeed_zero2_one_cpu_rank(tmp_path):
-    pytest.importorskip("deepspeed")
+def test_trainer_deepspeed_zero2_one_cpu_rank(tmp_path, deepspeed_cpu_ops):
     out = tmp_path / "out"
     config = ROOT / "examples" / "configs" / "ds_zero2.json"
     train = ["--optim", "metaoptimize", "--optim_args", "granularity=layer,meta_lr=0.05", "--deepspeed", config]
     target = ["hf_metaoptimize.launch", SCRIPTS / "tiny_clm.py", "--output_dir", out, *train, *QUICK_TRAIN]
-    proc = torchrun(1, target, timeout=400, env={**ENV, "DS_ACCELERATOR": "cpu"}, module=True)
+    proc = torchrun(1, target, timeout=400, env=deepspeed_cpu_ops, module=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     logs = [e for e in history if "loss" in e]
