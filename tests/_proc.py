@@ -120,27 +120,34 @@ _BUILD_DS_OPS = (
     "from deepspeed.comm.torch import build_shm_op; op = build_shm_op(); "
     "print('built' if op is not None else 'not needed on this machine')"
 )
-_ds_built: list[str] = []
+# what the session's build printed ("built" / "not needed ..."), or the error it raised; None: not tried yet
+_ds_build: str | RuntimeError | None = None
 
 
 @contextlib.contextmanager
 def deepspeed_cpu_launches(build_timeout: int = 900):
     """Hold the tests' DeepSpeed lock for one test's launches (with ``DS_ENV``): clear stale torch locks, build
-    DeepSpeed's CPU ops first if this session has not. Raises with the build's output if the build fails, so that
-    no test runs into a half-built op."""
+    DeepSpeed's CPU ops first if this session has not. Raises with the build's output if the build fails (and again
+    for every later test, without building again), so that no test runs into a half-built op."""
+    global _ds_build
     DS_EXTENSIONS.mkdir(parents=True, exist_ok=True)
     with open(DS_EXTENSIONS / "hf_metaoptimize-tests.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # a live holder (another test session) is waited for; a dead one holds none
-        for stale in DS_EXTENSIONS.glob("*/lock"):
+        for stale in DS_EXTENSIONS.glob("*/lock"):  # also what a build killed by its timeout below left
             stale.unlink()
-        if not _ds_built:
+        if _ds_build is None:
             proc = run_python(["-c", _BUILD_DS_OPS], timeout=build_timeout, env=DS_ENV)
+            _ds_build = (proc.stdout.strip().splitlines() or [""])[-1]  # the last line is the snippet's own
             if proc.returncode != 0:
-                for stale in DS_EXTENSIONS.glob("*/lock"):
-                    stale.unlink()
-                raise RuntimeError(
+                _ds_build = RuntimeError(
                     f"building DeepSpeed's CPU ops failed (exit {proc.returncode}): "
                     f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
                 )
-            _ds_built.append(proc.stdout.strip())
+        if isinstance(_ds_build, RuntimeError):
+            raise _ds_build
         yield DS_ENV
+
+
+def deepspeed_cpu_build() -> str | RuntimeError | None:
+    """What this session's build of DeepSpeed's CPU ops printed or raised (None before the first launch)."""
+    return _ds_build

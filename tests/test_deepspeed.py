@@ -76,7 +76,7 @@ def test_a_killed_build_does_not_hang_later_launches():
     """torch's extension lock left by a launch killed mid-build is cleared before the next DeepSpeed launch (it
     would wait on it forever), and the op is there to load."""
     pytest.importorskip("deepspeed")
-    from _proc import DS_EXTENSIONS, deepspeed_cpu_launches
+    from _proc import DS_EXTENSIONS, deepspeed_cpu_build, deepspeed_cpu_launches
 
     stale = DS_EXTENSIONS / "deepspeed_shm_comm" / "lock"
     stale.parent.mkdir(parents=True, exist_ok=True)
@@ -84,3 +84,5 @@ def test_a_killed_build_does_not_hang_later_launches():
     with deepspeed_cpu_launches() as env:
         assert not stale.exists()
         assert env["TORCH_EXTENSIONS_DIR"] == str(DS_EXTENSIONS)
+        if deepspeed_cpu_build() == "built":
+            assert list(stale.parent.glob("*.so")), "the build printed 'built' but left no library to load"
