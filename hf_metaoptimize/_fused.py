@@ -42,6 +42,7 @@ from .rules import (
     copy0,
     hyper_row,
     kernel_slots,
+    lerp,
     meta_gate,
     stack0,
     step_size,
@@ -124,7 +125,7 @@ def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    text = inspect.getsource(tensor_step) + inspect.getsource(_Chunk) + repr(ROW) + str(CHUNK)
+    text = inspect.getsource(tensor_step) + inspect.getsource(lerp) + inspect.getsource(_Chunk) + repr(ROW) + str(CHUNK)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -359,16 +360,19 @@ def bucket_step(
         C, g = meta_gate(group, stack0([s["block_step"] for s in sts]), okf)
         copy0([s["block_step"] for s in sts], C)
         gate = g.to(wide).expand(n)
-    bc1, bc2 = bias_corrections(base, betas, t)
-    mbc1 = mbc2 = one
+    bc1, bc2 = bias_corrections(base, betas, t)  # float64: the folded scales below are exact to float64
+    eps = float(group["eps"] or 0.0) if base in ("adamw", "rmsprop") else 0.0
+    u_scale, eps_hat = bc2 / bc1, eps * bc2
+    m_scale, meps_hat = one, torch.zeros_like(one)
     if element and group["meta"] == "adam":
         S = [s["meta_step"] for s in sts]
         add0_(S, gate.to(torch.float32))
         s64 = stack0(S).to(torch.float64).clamp(min=1)
         b1, b2 = group["meta_betas"]
         mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
+        m_scale, meps_hat = mbc2 / mbc1, float(group["meta_eps"]) * mbc2
     hyper = _hyper_rows(group, n, kappas, t.device, wide)
-    cols = [ok.expand(n), alpha.to(wide), bc1.to(wide), bc2.to(wide), mbc1.to(wide), mbc2.to(wide), gate]
+    cols = [ok.expand(n), alpha.to(wide)] + [c.to(wide) for c in (u_scale, eps_hat, m_scale, meps_hat)] + [gate]
     rows = torch.cat([torch.stack(cols, dim=1), hyper], dim=1)
     if any_dtensor(params):
         params, grads = [local_tensor(p) for p in params], [local_tensor(g) for g in grads]

@@ -41,15 +41,14 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
 ROW = (
     "ok",  # 1.0, or 0.0 on a skipped (non-finite) step
     "alpha",  # ok * lr * exp(log_step) * s (shared) or ok * lr * s (element: times exp(L) per weight)
-    "bc1",  # base bias correction 1 - rho^t (adamw), else 1
-    "bc2",  # sqrt(1 - lambda^t) (adamw, rmsprop), else 1
-    "mbc1",  # adam meta: 1 - b1^s, else 1
-    "mbc2",  # adam meta: sqrt(1 - b2^s), else 1
+    "u_scale",  # the direction's bias correction: bc2 / bc1 (adamw), bc2 (rmsprop), else 1 (float64 on the host side)
+    "eps_hat",  # eps * bc2 (adamw, rmsprop; 0 for eps=None), so u = m / (sqrt(v) + eps_hat) * u_scale: one division
+    "m_scale",  # adam meta: mbc2 / mbc1 with mbc1 = 1 - b1^s, mbc2 = sqrt(1 - b2^s); else 1
+    "meps_hat",  # adam meta: meta_eps * mbc2; else 0
     "gate",  # the meta step's 0/1 gate: ok, and 0 during the cooldown
     "b1",  # base betas[0] (adamw rho, lion c, sgd rho)
     "one_minus_b1",
     "one_minus_b2",  # 1 - betas[-1] (adamw lambda, lion rho, rmsprop lambda)
-    "eps",
     "kappa",  # weight decay
     "gamma",
     "gamma_kappa",  # gamma * kappa
@@ -58,7 +57,6 @@ ROW = (
     "mb1",  # meta betas (c_bar / b1)
     "one_minus_mb1",
     "one_minus_mb2",
-    "meta_eps",
     "lo",
     "hi",
 )
@@ -94,26 +92,28 @@ def tensor_step(
     else:
         alpha = r[1]
     b1 = r[_R["b1"]]
-    # base rule (docs/design.md step 5): u = direction, dw = -alpha (u + kappa w)
+    # base rule (docs/design.md step 5): u = direction, dw = -alpha (u + kappa w). Written for the compiled
+    # kernel, which is bound by arithmetic on CPU: one division per weight (the bias corrections folded into
+    # u_scale and eps_hat) and lerps as a + w (b - a) (torch.lerp lowers to a select and two multiplies).
     if base == "adamw" or base == "rmsprop":
         vw = v.to(wide)
         v_new = vw * (1 - ok * r[_R["one_minus_b2"]]) + r[_R["one_minus_b2"]] * gw * gw
-        denom = torch.sqrt(v_new) / r[_R["bc2"]] + r[_R["eps"]]
+        denom = torch.sqrt(v_new) + r[_R["eps_hat"]]
         if base == "adamw":
-            m_new = torch.lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
-            u = (m_new / r[_R["bc1"]]) / denom
+            m_new = lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
+            u = m_new / denom * r[_R["u_scale"]]
             m.copy_(m_new)
         else:
-            u = gw / denom
+            u = gw / denom * r[_R["u_scale"]]
         v.copy_(v_new)
     elif base == "sgd":
-        m_new = torch.lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
+        m_new = lerp(m.to(wide), gw, ok * r[_R["one_minus_b1"]])
         u = m_new
         m.copy_(m_new)
     else:  # lion: c = b1, rho = b2; the momentum update follows the step
         mw = m.to(wide)
-        u = torch.sign(torch.lerp(gw, mw, b1))
-        m.copy_(torch.lerp(mw, gw, ok * r[_R["one_minus_b2"]]))
+        u = torch.sign(lerp(gw, mw, b1))
+        m.copy_(lerp(mw, gw, ok * r[_R["one_minus_b2"]]))
     dw = -alpha * (u + r[_R["kappa"]] * pw)
     disc = 1 + ok * (r[_R["gamma"]] - 1) - r[_R["gamma_kappa"]] * alpha
     h.copy_(disc * h + dw)
@@ -122,18 +122,23 @@ def tensor_step(
         mok = r[_R["gate"]]
         eta, eta_down = r[_R["eta"]], r[_R["eta_down"]]
         if meta == "lion":
-            upd = torch.sign(torch.lerp(z, mb, r[_R["mb1"]]))
-            mb.copy_(torch.lerp(mb, z, mok * r[_R["one_minus_mb2"]]))
+            upd = torch.sign(lerp(z, mb, r[_R["mb1"]]))
+            mb.copy_(lerp(mb, z, mok * r[_R["one_minus_mb2"]]))
             rate = torch.where(upd > 0, eta_down, eta)
             L.copy_(torch.clamp(L - (mok * rate) * upd, r[_R["lo"]], r[_R["hi"]]))
         else:
-            mb_new = torch.lerp(mb, z, mok * r[_R["one_minus_mb1"]])
+            mb_new = lerp(mb, z, mok * r[_R["one_minus_mb1"]])
             vb_new = vb * (1 - mok * r[_R["one_minus_mb2"]]) + r[_R["one_minus_mb2"]] * z * z * mok
-            step = (mb_new / r[_R["mbc1"]]) / (torch.sqrt(vb_new) / r[_R["mbc2"]] + r[_R["meta_eps"]])
+            step = mb_new / (torch.sqrt(vb_new) + r[_R["meps_hat"]]) * r[_R["m_scale"]]
             mb.copy_(mb_new)
             vb.copy_(vb_new)
             rate = torch.where(step > 0, eta_down, eta)
             L.copy_(torch.clamp(L - (mok * rate) * step, r[_R["lo"]], r[_R["hi"]]))
+
+
+def lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """``a + w (b - a)``: torch.lerp's value (to rounding) in the two flops the compiled kernel can afford."""
+    return a + w * (b - a)
 
 
 def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
@@ -144,12 +149,10 @@ def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
     kappa, gamma = float(group["weight_decay"]), float(group["gamma"])
     eta = float(group["meta_lr"])
     lo, hi = group["log_step_bounds"]
-    eps = group["eps"] if group["eps"] is not None else 0.0
     return (
         b1,
         1 - b1,
         1 - b2,
-        float(eps),
         kappa,
         gamma,
         gamma * kappa,
@@ -158,7 +161,6 @@ def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
         mb1,
         1 - mb1,
         1 - mb2,
-        float(group["meta_eps"]),
         float(lo),
         float(hi),
     )
