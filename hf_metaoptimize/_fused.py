@@ -38,11 +38,12 @@ from .distributed import any_dtensor, local_tensor
 from .rules import (
     ROW,
     add0_,
-    bias_corrections,
     copy0,
+    folded_scales,
     hyper_row,
     kernel_slots,
     lerp,
+    meta_folded_scales,
     meta_gate,
     stack0,
     step_size,
@@ -360,17 +361,13 @@ def bucket_step(
         C, g = meta_gate(group, stack0([s["block_step"] for s in sts]), okf)
         copy0([s["block_step"] for s in sts], C)
         gate = g.to(wide).expand(n)
-    bc1, bc2 = bias_corrections(base, betas, t)  # float64: the folded scales below are exact to float64
-    eps = float(group["eps"] or 0.0) if base in ("adamw", "rmsprop") else 0.0
-    u_scale, eps_hat = bc2 / bc1, eps * bc2
+    u_scale, eps_hat = folded_scales(base, betas, group["eps"], t)  # float64, cast once below
     m_scale, meps_hat = one, torch.zeros_like(one)
     if element and group["meta"] == "adam":
         S = [s["meta_step"] for s in sts]
         add0_(S, gate.to(torch.float32))
         s64 = stack0(S).to(torch.float64).clamp(min=1)
-        b1, b2 = group["meta_betas"]
-        mbc1, mbc2 = 1 - torch.pow(b1, s64), torch.sqrt(1 - torch.pow(b2, s64))
-        m_scale, meps_hat = mbc2 / mbc1, float(group["meta_eps"]) * mbc2
+        m_scale, meps_hat = meta_folded_scales(group["meta_betas"], group["meta_eps"], s64)
     hyper = _hyper_rows(group, n, kappas, t.device, wide)
     cols = [ok.expand(n), alpha.to(wide)] + [c.to(wide) for c in (u_scale, eps_hat, m_scale, meps_hat)] + [gate]
     rows = torch.cat([torch.stack(cols, dim=1), hyper], dim=1)

@@ -253,6 +253,23 @@ def bias_corrections(base: str, betas: tuple[float, ...], t: Tensor) -> tuple[Te
     return bc1, bc2
 
 
+def folded_scales(base: str, betas: tuple[float, ...], eps: float | None, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(u_scale, eps_hat) at the step counts `t` (float64, exact to float64; both fast paths cast them once):
+    ``m_hat / (sqrt(v_hat) + eps) = m / (sqrt(v) + eps_hat) * u_scale`` with ``u_scale = bc2 / bc1`` and
+    ``eps_hat = eps * bc2`` (rmsprop: g for m, bc1 = 1), so the step divides once per weight and never by a bias
+    correction (docs/design.md, the kernel's arithmetic). sgd / lion: (1, 0), unused."""
+    bc1, bc2 = bias_corrections(base, betas, t)
+    return bc2 / bc1, float(eps or 0.0) * bc2
+
+
+def meta_folded_scales(meta_betas: tuple[float, float], meta_eps: float, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(m_scale, meps_hat) of the per-weight Adam meta step at its step counts `s` (float64), folded like
+    :func:`folded_scales`: ``m_bar_hat / (sqrt(v_bar_hat) + eps) = m_bar / (sqrt(v_bar) + meps_hat) * m_scale``."""
+    b1, b2 = meta_betas
+    mbc1, mbc2 = 1 - torch.pow(b1, s), torch.sqrt(1 - torch.pow(b2, s))
+    return mbc2 / mbc1, float(meta_eps) * mbc2
+
+
 def kernel_slots(base: str, element: bool, meta: str) -> tuple[str, ...]:
     """The state tensors the kernel of this configuration reads and writes, after p and g."""
     out = ["trace", *BASE_MOMENTS[base]]
@@ -346,19 +363,18 @@ def foreach_base_step(
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
         t = stack0(steps).to(torch.float64, copy=True).clamp_(min=1)  # bias corrections in float64
-        bc1, bc2 = bias_corrections(base, betas, t)
-        bc2_sqrt = bc2.to(wide)
+        u_scale, eps_hat = folded_scales(base, betas, eps, t)
         if own and base == "adamw":  # the grads' temporary copy doubles as the workspace
             U = grads
             for v, u in zip(V, U):
                 torch.sqrt(v, out=u)
         else:
             U = torch._foreach_sqrt(V)  # the step's one temporary list
-        # m_hat / (sqrt(v_hat) + eps) = (m / (sqrt(v) + eps * b)) * b / bc1 with b = sqrt(1 - lam^t): the
-        # bias correction of v moves into the per-tensor scale, saving a pass over every weight
-        torch._foreach_add_(U, list((eps * bc2_sqrt).unbind(0)))
-        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v) + eps * b)
-        scale = bc2_sqrt / bc1.to(wide) if base == "adamw" else bc2_sqrt
+        # m_hat / (sqrt(v_hat) + eps) = m / (sqrt(v) + eps_hat) * u_scale (rules.folded_scales): the bias
+        # corrections move into per-tensor numbers, saving passes over every weight
+        torch._foreach_add_(U, list(eps_hat.to(wide).unbind(0)))
+        _div_into(M if base == "adamw" else grads, U)  # U <- m (or g) / (sqrt(v) + eps_hat)
+        scale = u_scale.to(wide)
         if group["granularity"] == "element":
             torch._foreach_mul_(U, A)
             torch._foreach_mul_(U, list(scale.unbind(0)))
@@ -527,9 +543,8 @@ def foreach_meta_step_element(
         VB = [s["meta_exp_avg_sq"] for s in sts]
         S = [s["meta_step"] for s in sts]
         add0_(S, gate.to(torch.float32))
-        s64 = stack0(S).to(torch.float64).clamp(min=1)  # bias corrections in float64
-        bc1 = (1 - torch.pow(b1, s64)).to(wide)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s64)).to(wide)
+        s64 = stack0(S).to(torch.float64).clamp(min=1)  # bias corrections in float64, folded
+        m_scale, meps_hat = (x.to(wide) for x in meta_folded_scales((b1, b2), group["meta_eps"], s64))
     if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors
         torch._foreach_mul_(z, oks)
         okl: Any = oks
@@ -555,14 +570,13 @@ def foreach_meta_step_element(
                 vb.mul_(1 - o * (1 - b2))
         torch._foreach_addcmul_(VB, z, z, value=1 - b2)
         for v, w in zip(VB, z):
-            torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_hat) + eps
-        torch._foreach_div_(z, list(bc2_sqrt.unbind(0)))
-        torch._foreach_add_(z, group["meta_eps"])
+            torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_bar) + meps_hat
+        torch._foreach_add_(z, list(meps_hat.unbind(0)))
         _div_into(MB, z)
-        if up == down and oks is None:  # one multiply: -eta * ok / bc1
-            torch._foreach_mul_(z, list((ok * (-up) / bc1).unbind(0)))
+        if up == down and oks is None:  # one multiply: -eta * ok * m_scale
+            torch._foreach_mul_(z, list((ok * (-up) * m_scale).unbind(0)))
         else:
-            torch._foreach_div_(z, list(bc1.unbind(0)))  # z <- the direction d = m_hat / (sqrt(v_hat) + eps)
+            torch._foreach_mul_(z, list(m_scale.unbind(0)))  # z <- the direction d = m_hat / (sqrt(v_hat) + eps)
             _apply_rate(z, up, down, okl)
         torch._foreach_add_(L, z)
     for t in L:
