@@ -237,7 +237,8 @@ class MetaOptimize(Optimizer):
         normalize_group(defaults, where="MetaOptimize")
         super().__init__(params, defaults)
         self._index_cache: dict[Any, Tensor] = {}
-        self._views: dict[int, list[Tensor]] = {}  # the compiled step's flat views of params and state
+        # the compiled step's flat views of params and state; the foreach path's small-bucket workspaces
+        self._views: dict[Any, list[Tensor]] = {}
         # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
         # list around each step() call; this is how the optimizer still sees every block.
         self._all_groups = self.param_groups
@@ -895,7 +896,7 @@ def _base_group_step(
 
             bucket_step(state, group, ps, gs, okf.to(device), dtype, sanitize, views, decay)
             continue
-        foreach_base_step(state, group, ps, gs, okf.to(device), dtype, sanitize, own, decay)
+        foreach_base_step(state, group, ps, gs, okf.to(device), dtype, sanitize, own, decay, cache=views)
 
 
 # ---------------------------------------------------------------------- checkpoint precision

@@ -166,9 +166,33 @@ def hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
     )
 
 
-#: Up to this many weights in a bucket, the foreach path zeroes non-finite grads in one flat copy (a dispatch-bound
-#: size: one op instead of one per tensor); above it, tensor by tensor (no extra pass over memory).
+#: Up to this many weights in a bucket (a dispatch-bound size), the foreach path zeroes non-finite grads in one flat
+#: workspace (one op instead of one per tensor; the workspace and its views are kept between steps, at most this many
+#: words per layout, :data:`WORKSPACES` layouts); above it, tensor by tensor (no extra pass over memory).
 FLAT_SANITIZE_MAX = 1 << 20
+
+
+#: At most this many small-bucket workspaces are kept per optimizer (one per layout of grads that steps).
+WORKSPACES = 8
+
+
+def _workspace(cache: dict[Any, Any] | None, like: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """A flat buffer the size of the tensors `like` and its views shaped like them, kept in `cache` (the optimizer's)
+    per layout, so a step neither allocates it nor makes its views again (~5 us a view). Buckets of one layout
+    stepping one after another reuse one buffer: each is done with it before the next starts."""
+    key = ("workspace", like[0].dtype, like[0].device, tuple(t.shape for t in like))
+    hit = None if cache is None else cache.get(key)
+    if hit is None:
+        flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
+        hit = [flat, *(f.view(t.shape) for f, t in zip(flat.split([t.numel() for t in like]), like))]
+        if cache is not None:
+            kept = [k for k in cache if isinstance(k, tuple) and k[0] == "workspace"]
+            if len(kept) >= WORKSPACES:  # layouts that keep changing (e.g. experts without grads): start over
+                for k in kept:
+                    del cache[k]
+            cache[key] = hit
+    return hit[0], hit[1:]
+
 
 # ---------------------------------------------------------------------- 0-d state, n at a time
 # The optimizer keeps each 0-d per-param state (step counters; log step sizes and meta state of the shared
@@ -288,11 +312,13 @@ def foreach_base_step(
     sanitize: bool,
     own: bool | None = None,
     kappas: list[float] | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> None:
     """The foreach base step of one (device, dtype) bucket. `own`: whether the grads are temporaries of ours that
     may serve as workspace (default: those that are not ``p.grad``). `kappas`: each tensor's weight decay (default:
     the group's), so that groups differing in weight decay alone (the Trainer's decay / no-decay split) step with
-    one set of foreach calls; each tensor's arithmetic is the same as in a group of its own."""
+    one set of foreach calls; each tensor's arithmetic is the same as in a group of its own. `cache`: the
+    optimizer's, for the small-bucket workspace (:func:`_workspace`)."""
     base = group["base"]
     lr, gamma = group["lr"], group["gamma"]
     kappas = [group["weight_decay"]] * len(params) if kappas is None else kappas
@@ -319,17 +345,20 @@ def foreach_base_step(
         # ok => every grad is finite (the flag comes from their dot products): zeroing the non-finite entries
         # and multiplying by ok gives g itself, or 0 on a skipped step. Two streaming passes are cheaper than
         # one torch.where with a broadcast 0-d condition (measured ~2.5x slower per pass on CPU).
-        if own:
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        elif len(grads) > 1 and sum(g.numel() for g in grads) <= FLAT_SANITIZE_MAX:
-            # small tensors: one copy into a flat buffer and one pass, instead of one op per tensor
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        if not own and len(grads) > 1 and sum(g.numel() for g in grads) <= FLAT_SANITIZE_MAX:
+            # small tensors: one copy into a flat workspace, then one pass each, instead of one op per tensor
+            flat, work = _workspace(cache, grads)
+            torch._foreach_copy_(work, grads)
             torch.nan_to_num_(flat, nan=0.0, posinf=0.0, neginf=0.0)
-            grads = [f.view(g.shape) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            flat.mul_(okf.to(flat.dtype))
+            grads = work
         else:
-            grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-        torch._foreach_mul_(grads, okf.to(grads[0].dtype))
+            if own:
+                for g in grads:
+                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+            torch._foreach_mul_(grads, okf.to(grads[0].dtype))
         own = True
 
     P = [p.to(wide) for p in params] if low else params

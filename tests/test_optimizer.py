@@ -129,6 +129,40 @@ def test_none_grads_are_skipped_without_state_or_side_effects(gran):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("gran", ["scalar", "element"])
+def test_small_bucket_workspace_is_reused_bounded_and_changes_no_number(gran):
+    """The foreach path keeps one flat grad workspace per layout (rules._workspace): reusing it across steps and
+    layouts (random subsets of params with a grad, more layouts than it keeps) gives the same bits as a fresh one
+    at every step, and never more than rules.WORKSPACES of them are held."""
+    from hf_metaoptimize import rules
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (4,), (2, 2, 2), (5,), (1, 3), (7,)]
+    a = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    oa = MetaOptimize(a, lr=1e-2, granularity=gran, meta_lr=1e-2, weight_decay=0.1, foreach=True)
+    ob = MetaOptimize(b, lr=1e-2, granularity=gran, meta_lr=1e-2, weight_decay=0.1, foreach=True)
+    held = 0
+    for step in range(40):
+        active = [i for i in range(len(shapes)) if torch.rand((), generator=gen) < 0.7] or [0]
+        for i, (p, q) in enumerate(zip(a, b)):
+            g = torch.randn(shapes[i], generator=gen) if i in active else None
+            p.grad, q.grad = g, None if g is None else g.clone()
+        if step == 20:
+            a[active[0]].grad[0] = float("nan")  # a skipped step goes through the workspace too
+            b[active[0]].grad[0] = float("nan")
+        oa.step()
+        ob._views = {}  # a fresh workspace every step
+        ob.step()
+        held = max(held, sum(1 for k in oa._views if isinstance(k, tuple) and k[0] == "workspace"))
+        for p, q in zip(a, b):
+            assert torch.equal(p, q), step
+            for k, v in oa.state.get(p, {}).items():
+                assert torch.equal(v, ob.state[q][k]), (step, k)
+    assert 1 <= held <= rules.WORKSPACES
+    assert oa.skipped_steps() == ob.skipped_steps() == 1
+
+
 def test_late_param_joins_its_block_step_size():
     params = make_params()
     opt = MetaOptimize(params, lr=1e-2, granularity="scalar", meta_lr=1e-2)
