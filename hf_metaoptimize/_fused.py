@@ -22,9 +22,11 @@ Results agree with the foreach path to rounding, not bit for bit (other operatio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import platform
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -88,6 +90,10 @@ class _Chunk(torch.nn.Module):
         return ()
 
 
+#: The tensor sizes the kernel is traced with. Inductor sizes its loops' parallelism by these hints: with tiny
+#: examples it emits a serial kernel whatever the thread count; at this size it parallelises over the threads.
+EXAMPLE_SIZE = 1 << 16
+
 _RUNNERS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 
@@ -126,7 +132,8 @@ def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    text = inspect.getsource(tensor_step) + inspect.getsource(lerp) + inspect.getsource(_Chunk) + repr(ROW) + str(CHUNK)
+    parts = (tensor_step, lerp, _Chunk, _compile)
+    text = "".join(map(inspect.getsource, parts)) + repr(ROW) + str(CHUNK) + str(EXAMPLE_SIZE)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -141,7 +148,7 @@ def _compile(config, slots, dtypes, device, path: Path) -> None:
     for i in range(CHUNK):
         size = torch.export.Dim(f"n{i}", min=2)
         for name in names:
-            example.append(torch.zeros(16 + i, dtype=dtypes[name], device=device))
+            example.append(torch.zeros(EXAMPLE_SIZE + i, dtype=dtypes[name], device=device))
             dynamic.append({0: size})
     example.append(torch.ones(CHUNK, len(ROW), dtype=dtypes["trace"], device=device))
     dynamic.append(None)
@@ -160,10 +167,45 @@ def _compile(config, slots, dtypes, device, path: Path) -> None:
         ) from e
 
 
+@functools.cache
+def _cpu_identity() -> str:
+    """This CPU's model and instruction-set flags: the CPU kernel is compiled with ``-march=native``, so a package
+    built on one CPU may not run on another (a home directory shared by machines of several generations)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        text = "".join(dict.fromkeys(lines))  # one copy of each distinct line, in order
+    except OSError:
+        text = ""
+    return hashlib.sha1((platform.machine() + platform.processor() + text).encode()).hexdigest()[:16]
+
+
+def _machine(device: torch.device) -> tuple:
+    """What a compiled package is specific to besides its configuration: on CPU the instruction set and the intra-op
+    thread count (Inductor writes ``torch.get_num_threads()`` into the kernel's OpenMP loops), on CUDA the card's
+    architecture."""
+    if device.type == "cpu":
+        return (_cpu_identity(), torch.get_num_threads())
+    if device.type == "cuda":
+        return _cuda_identity(torch.cuda.current_device() if device.index is None else device.index)
+    return ()
+
+
+@functools.cache
+def _cuda_identity(index: int) -> tuple:
+    return (torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+
+
 def _layout(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]):
     slots = kernel_slots(config["base"], config["element"], config["meta"])
     dtypes = {"p": p.dtype, "g": g.dtype, **{k: st[k].dtype for k in slots}}
-    key = (tuple(sorted(config.items())), tuple(str(dtypes[k]) for k in ("p", "g", *slots)), p.device.type, CHUNK)
+    key = (
+        tuple(sorted(config.items())),
+        tuple(str(dtypes[k]) for k in ("p", "g", *slots)),
+        p.device.type,
+        CHUNK,
+        _machine(p.device),
+    )
     return slots, dtypes, key
 
 

@@ -292,3 +292,54 @@ def io_roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def test_compiled_packages_are_keyed_by_thread_count_and_cpu(monkeypatch):
+    """A package is specific to the intra-op thread count Inductor wrote into it and to the CPU it was compiled for
+    (``-march=native``): either one changing selects (or compiles) another package, never a wrong one."""
+    from hf_metaoptimize import _fused
+
+    model = _model()
+    opt = MetaOptimize(model.parameters(), lr=1e-2, fused=True)
+    _train(model, opt, 1)
+    p = next(model.parameters())
+    config = _fused.config_of(opt.param_groups[0], True)
+
+    def key():
+        return _fused._layout(config, p, p.grad, opt.state[p])[2]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = key()
+        torch.set_num_threads(2)
+        two = key()
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two
+    here = key()
+    monkeypatch.setattr(_fused, "_cpu_identity", lambda: "another-cpu")
+    assert key() != here
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs two cores")
+def test_compiled_kernel_runs_on_the_intra_op_threads(tmp_path, monkeypatch):
+    """Inductor sizes the kernel's parallelism by the example sizes it is traced with: the package compiled with two
+    threads has OpenMP loops (with tiny examples it would be serial whatever the thread count)."""
+    import zipfile
+
+    from hf_metaoptimize import _fused
+
+    monkeypatch.setenv("HF_METAOPTIMIZE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_fused, "_RUNNERS", {})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model = _model()
+        _train(model, MetaOptimize(model.parameters(), lr=1e-2, fused=True), 1)
+    finally:
+        torch.set_num_threads(threads)
+    (package,) = _fused.cache_dir().glob("*.pt2")
+    with zipfile.ZipFile(package) as z:
+        kernel = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
+    assert "#pragma omp" in kernel
