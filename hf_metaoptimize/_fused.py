@@ -39,7 +39,7 @@ from torch import Tensor
 from .distributed import any_dtensor, local_tensor
 from .rules import (
     ROW,
-    add0_,
+    advance,
     copy0,
     folded_scales,
     hyper_row,
@@ -390,8 +390,7 @@ def bucket_step(
     n = len(params)
     ok = okf.to(wide)
     steps = [s["step"] for s in sts]
-    add0_(steps, okf.to(torch.float32))
-    t = stack0(steps).to(torch.float64, copy=True).clamp_(min=1)  # bias corrections in float64
+    t = advance(steps, okf)  # bias corrections in float64
     one = torch.ones(n, dtype=torch.float64, device=t.device)
     alpha, cool = step_size(group, sts, ok, wide)
     if alpha is None:  # element: ok * lr * s here, the kernel multiplies by exp(L) per weight
@@ -407,8 +406,7 @@ def bucket_step(
     m_scale, meps_hat = one, torch.zeros_like(one)
     if element and group["meta"] == "adam":
         S = [s["meta_step"] for s in sts]
-        add0_(S, gate.to(torch.float32))
-        s64 = stack0(S).to(torch.float64).clamp(min=1)
+        s64 = advance(S, gate)
         m_scale, meps_hat = meta_folded_scales(group["meta_betas"], group["meta_eps"], s64)
     hyper = _hyper_rows(group, n, kappas, t.device, wide)
     cols = [ok.expand(n), alpha.to(wide)] + [c.to(wide) for c in (u_scale, eps_hat, m_scale, meps_hat)] + [gate]

@@ -254,6 +254,13 @@ def add0_(ts: list[Tensor], value: Tensor) -> None:
         torch._foreach_add_(ts, value)
 
 
+def advance(counts: list[Tensor], by: Tensor) -> Tensor:
+    """``counts += by`` for 0-d float32 step counters (one op for a packed run), then the new counts in float64,
+    at least 1: the step numbers a bias correction is taken at."""
+    add0_(counts, by.to(torch.float32))
+    return stack0(counts).to(torch.float64, copy=True).clamp_(min=1)
+
+
 def step_size(
     group: dict[str, Any], sts: list[dict[str, Tensor]], ok: Tensor, wide: torch.dtype
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -571,8 +578,7 @@ def foreach_meta_step_element(
     if group["meta"] == "adam":
         VB = [s["meta_exp_avg_sq"] for s in sts]
         S = [s["meta_step"] for s in sts]
-        add0_(S, gate.to(torch.float32))
-        s64 = stack0(S).to(torch.float64).clamp(min=1)  # bias corrections in float64, folded
+        s64 = advance(S, gate)  # bias corrections in float64, folded
         m_scale, meps_hat = (x.to(wide) for x in meta_folded_scales((b1, b2), group["meta_eps"], s64))
     if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors
         torch._foreach_mul_(z, oks)
