@@ -70,11 +70,15 @@ class _Chunk(torch.nn.Module):
         super().__init__()
         self.config, self.slots = config, slots
 
-    def forward(self, *flat: Tensor) -> tuple[()]:
+    def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
         rows = flat[-1]
         width = 2 + len(self.slots)
+        dots = self.config.get("dots", False)
+        zs = []
         for i in range(CHUNK):
             item = dict(zip(("p", "g", *self.slots), flat[i * width : (i + 1) * width]))
+            if dots:  # Algorithm 3 step 1, z_p = <h_p, g_p> from the OLD trace: read before the update below
+                zs.append(torch.dot(item["trace"], item["g"].to(item["trace"].dtype)))
             tensor_step(
                 item["p"],
                 item["g"],
@@ -85,9 +89,14 @@ class _Chunk(torch.nn.Module):
                 item.get("meta_exp_avg"),
                 item.get("meta_exp_avg_sq"),
                 rows[i],
-                **self.config,
+                **_step_config(self.config),
             )
-        return ()
+        return (torch.stack(zs),) if dots else ()
+
+
+def _step_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`tensor_step` in a kernel configuration (``dots`` is the chunk's own)."""
+    return {k: v for k, v in config.items() if k != "dots"}
 
 
 #: The tensor sizes the kernel is traced with. Inductor sizes its loops' parallelism by these hints: with tiny
@@ -232,6 +241,18 @@ def _index(n: int, skip: tuple[int, ...], device: torch.device) -> Tensor:
     return idx
 
 
+def _order(n: int, tiny: tuple[int, ...], device: torch.device) -> Tensor:
+    """The positions in the bucket of the kernel's tensors, then of the `tiny` ones (built once per layout)."""
+    key = ("order", n, tiny, device)
+    idx = _INDEX.get(key)
+    if idx is None:
+        if len(_INDEX) > 64:
+            _INDEX.clear()
+        rest = [i for i in range(n) if i not in set(tiny)]
+        idx = _INDEX[key] = torch.tensor(rest + list(tiny), device=device)
+    return idx
+
+
 def fused_step(
     config: dict[str, Any],
     params: Sequence[Tensor],
@@ -240,16 +261,22 @@ def fused_step(
     rows: Tensor,
     eager: bool = False,
     views: dict[int, list[Tensor]] | None = None,
-) -> None:
-    """Run the kernel of `config` (base, meta, element, sanitize) on rank-local params, grads and state, in
+) -> Tensor | None:
+    """Run the kernel of `config` (base, meta, element, sanitize, dots) on rank-local params, grads and state, in
     place; ``rows[i]`` is tensor i's row (:data:`ROW`). `eager`: the same function uncompiled, one tensor at a
     time (``foreach=False``: the per-tensor ground truth of the fast paths, no compiler needed). `views`: the
     caller's cache of each param's flat views (:func:`_kernel_inputs`; kept by the optimizer, not here, so that
-    it never outlives the tensors it points into)."""
+    it never outlives the tensors it points into). With ``config["dots"]``, returns the meta-gradients
+    ``z_i = <h_i, g_i>`` of the OLD traces (one per tensor, in the trace's dtype; rank-local partial sums of
+    shards), computed inside the kernel while it reads h and g anyway; else None."""
+    dots = config.get("dots", False)
     if eager:
+        zs = []
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            if dots:
+                zs.append(_dot(st["trace"], g))
             _run_eager(config, p, g, st, rows[i])
-        return
+        return torch.stack(zs) if dots else None
     slots, dtypes, key = _layout(config, params[0], grads[0], states[0])
     device = params[0].device
     items: list[list[Tensor]] = []
@@ -260,6 +287,8 @@ def fused_step(
             tiny.append(i)
             continue
         items.append(_kernel_inputs(p, g, st, slots, copies, views))
+    zparts: list[Tensor] = []
+    n_items = len(items)
     if items:
         fn = _runner(key, config, slots, dtypes, device)
         sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
@@ -275,14 +304,32 @@ def fused_step(
         for c in range(0, len(items), CHUNK):
             flat = [t for item in items[c : c + CHUNK] for t in item]
             flat.append(sub[c : c + CHUNK])
-            if boxed is not None:
-                boxed(flat)
-            else:
-                fn(*flat)
+            out = boxed(flat) if boxed is not None else fn(*flat)
+            if dots:
+                zparts.append(out[0])
     for t, flat in copies:
         t.copy_(flat.view(t.shape))
+    tiny_z = []
     for i in tiny:
+        if dots:
+            tiny_z.append(_dot(states[i]["trace"], grads[i]))
         _run_eager(config, params[i], grads[i], states[i], rows[i])
+    if not dots:
+        return None
+    z = torch.cat(zparts)[:n_items] if zparts else None
+    if not tiny:
+        return z
+    zt = torch.stack(tiny_z)
+    if z is None:
+        return zt
+    # the kernel's tensors first, then the tiny ones: back to the order of `params`
+    zcat = torch.cat([z, zt])
+    return torch.empty_like(zcat).index_copy_(0, _order(len(params), tuple(tiny), zcat.device), zcat)
+
+
+def _dot(h: Tensor, g: Tensor) -> Tensor:
+    """``<h, g>`` of one tensor, uncompiled (the tensors the kernel does not take, and ``foreach=False``)."""
+    return torch.dot(h.reshape(-1), g.reshape(-1).to(h.dtype))
 
 
 def _kernel_inputs(
@@ -332,6 +379,7 @@ def _run_eager(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tenso
     slots = kernel_slots(config["base"], config["element"], config["meta"])
     copies: list[tuple[Tensor, Tensor]] = []
     views = dict(zip(("p", "g", *slots), _kernel_inputs(p, g, st, slots, copies)))
+    config = _step_config(config)
     tensor_step(
         views["p"],
         views["g"],
@@ -378,11 +426,13 @@ def bucket_step(
     sanitize: bool,
     views: dict[int, list[Tensor]] | None = None,
     kappas: list[float] | None = None,
-) -> None:
+    dots: bool = False,
+) -> Tensor | None:
     """`fused=True`: the per-step numbers of every tensor, built with a few vectorised ops, then the compiled
     chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,
     the meta step, CHUNK tensors per call. `views`: the optimizer's cache of flat views (:func:`fused_step`).
-    `kappas`: each tensor's weight decay (default: the group's; groups that differ in it alone step as one)."""
+    `kappas`: each tensor's weight decay (default: the group's; groups that differ in it alone step as one).
+    `dots`: also compute and return each tensor's meta-gradient ``<h, g>`` (:func:`fused_step`)."""
     base, betas, lr = group["base"], group["betas"], group["lr"]
     element = group["granularity"] == "element"
     wide = wide_dtype(dtype)
@@ -414,10 +464,18 @@ def bucket_step(
     if any_dtensor(params):
         params, grads = [local_tensor(p) for p in params], [local_tensor(g) for g in grads]
         sts = [{k: local_tensor(v) for k, v in st.items()} for st in sts]
-    fused_step(config_of(group, sanitize), params, grads, sts, rows, eager=group["foreach"] is False, views=views)
+    config = config_of(group, sanitize, dots)
+    return fused_step(config, params, grads, sts, rows, eager=group["foreach"] is False, views=views)
 
 
-def config_of(group: dict[str, Any], sanitize: bool) -> dict[str, Any]:
-    """The static configuration of the compiled kernel (everything else is a number in its rows)."""
+def config_of(group: dict[str, Any], sanitize: bool, dots: bool = False) -> dict[str, Any]:
+    """The static configuration of the compiled kernel (everything else is a number in its rows). `dots`: the
+    kernel also returns each tensor's meta-gradient ``<h, g>`` (shared granularities without the guard, where
+    nothing needs it before the update: :meth:`MetaOptimize.step`)."""
     element = group["granularity"] == "element"
-    return dict(base=group["base"], meta=group["meta"] if element else "-", element=element, sanitize=sanitize)
+    config = dict(base=group["base"], meta=group["meta"] if element else "-", element=element, sanitize=sanitize)
+    if dots:
+        if element or sanitize:
+            raise ValueError("the kernel's meta-gradients are for shared step sizes without the guard")
+        config["dots"] = True
+    return config

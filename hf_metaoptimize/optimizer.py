@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -539,18 +540,39 @@ class MetaOptimize(Optimizer):
         if self.__dict__.get("_pack_dirty", True):
             self._pack_0d()
         skip = self._all_groups[0]["skip_nonfinite"]
-        sums = skip or self._all_groups[0]["granularity"] != "element"  # else the meta step reads h * g alone
-        zvec, zelem = self._local_meta_grads(active, grads, sums)
-        if sums:  # one process / DDP: complete already; FSDP2: one all-reduce completes the shards' partial sums
-            zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
-        red, keys = self._block_sums(active, zvec)
-        ok, okf, red = _finite_guard(red, skip)
+        element = self._all_groups[0]["granularity"] == "element"
+        sums = skip or not element  # else the meta step reads h * g alone
+        # Without the guard nothing needs z before the update: the per-tensor kernel computes it while it reads h
+        # and g for the update (two reads of every weight saved), and it is completed after the base step.
+        late = not skip and not element and all(self._fused_on(g) for _, g, _ in active)
+        zsink: list[tuple[list[Tensor], Tensor]] | None = [] if late else None
+        if late:
+            ok, okf = None, self._unit(active)
+        else:
+            zvec, zelem = self._local_meta_grads(active, grads, sums)
+            if sums:  # one process / DDP: complete already; FSDP2: one all-reduce completes the partial sums
+                zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
+            red, keys = self._block_sums(active, zvec)
+            ok, okf, red = _finite_guard(red, skip)
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
         for group, plist, glist, kappas in _merge_groups(active, grads, self._fused_on):
             fused = self._fused_on(group)
             _base_group_step(
-                self.state, group, plist, glist, okf, ok is not None, fused, kappas=kappas, views=self._views
+                self.state,
+                group,
+                plist,
+                glist,
+                okf,
+                ok is not None,
+                fused,
+                kappas=kappas,
+                views=self._views,
+                zsink=zsink,
             )
+        if late:
+            plist_all = [p for _, _, plist in active for p in plist]
+            zvec = complete_meta_grads(_assemble(plist_all, zsink, self._cached_index), plist_all, self._cached_index)
+            red, keys = self._block_sums(active, zvec)
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
             self._element_meta_steps(active, zelem, ok, okf)
@@ -586,9 +608,12 @@ class MetaOptimize(Optimizer):
 
         try:
             for _, group, plist in active:
+                skip = group["skip_nonfinite"]
+                # the kernel that step() will run: with the meta-gradients where nothing reads them before it
+                dots = not skip and group["granularity"] != "element" and self._partitions is None
                 for p in plist:
                     st = self.state[p]
-                    _fused.prepare(_fused.config_of(group, group["skip_nonfinite"]), p, p.grad, st)
+                    _fused.prepare(_fused.config_of(group, skip, dots), p, p.grad, st)
         except RuntimeError as e:
             warnings.warn(
                 f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "
@@ -672,6 +697,11 @@ class MetaOptimize(Optimizer):
                 continue
             for st, v in zip(have, torch.stack(ts).unbind(0)):
                 st[k] = v
+
+    def _unit(self, active: list[tuple[int, dict[str, Any], list[Tensor]]]) -> Tensor:
+        """The step's finite flag without the guard: 1, in the meta-gradients' dtype and on their device."""
+        h = _local(self.state[active[0][2][0]]["trace"])
+        return torch.ones((), dtype=h.dtype, device=h.device)
 
     def _grads(self, params: list[Tensor]) -> list[Tensor]:
         """The gradients as the math reads them: in the trace's dtype (float32+; a copy for low precision)."""
@@ -776,6 +806,27 @@ class MetaOptimize(Optimizer):
             foreach_meta_step_element(self.state, group, plist, ze, okf)
 
 
+def _assemble(
+    params: list[Tensor], parts: list[tuple[list[Tensor], Tensor]], index: Callable[[tuple, Any], Tensor]
+) -> Tensor:
+    """The kernel's meta-gradients, bucket by bucket (`parts`: each bucket's params and their z), as one vector in
+    the order of `params` (the order :meth:`MetaOptimize._local_meta_grads` gives), of one dtype and device (the
+    widest, on the first param's device, when they differ)."""
+    if len(parts) == 1 and len(parts[0][0]) == len(params) and all(map(operator.is_, parts[0][0], params)):
+        return parts[0][1]
+    kinds = {(z.device, z.dtype) for _, z in parts}
+    if len(kinds) > 1:
+        wide = torch.float64 if any(dt == torch.float64 for _, dt in kinds) else torch.float32
+        home = _local(params[0]).device
+        parts = [(ps, z.to(device=home, dtype=wide)) for ps, z in parts]
+    pos = {id(p): i for i, p in enumerate(params)}
+    z0 = parts[0][1]
+    out = torch.empty(len(params), dtype=z0.dtype, device=z0.device)
+    for ps, z in parts:
+        out.index_copy_(0, index(tuple(pos[id(p)] for p in ps), z.device), z)
+    return out
+
+
 def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
     """Never run silently wrong when stepped group by group on rank-local partitions (DeepSpeed ZeRO): the
     meta-gradients need every block whole (:mod:`hf_metaoptimize.integrations.deepspeed` attaches the
@@ -878,12 +929,16 @@ def _base_group_step(
     own: bool | None = None,
     kappas: list[float] | None = None,
     views: dict[int, list[Tensor]] | None = None,
+    zsink: list[tuple[list[Tensor], Tensor]] | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
     `okf` is 1.0 for a normal step and 0.0 for a skipped (non-finite) one; every coefficient that moves a
     param or a state tensor is multiplied by it, and (when `sanitize`) the math reads a zeroed copy of the
     grads, so a skipped step changes nothing bit for bit. ``p.grad`` itself is never written.
+
+    `zsink` (the per-tensor kernel only): each bucket's params and their meta-gradients ``<h_p, g_p>`` from the OLD
+    traces, computed by the kernel while it reads them (Algorithm 3 step 1, done here instead of before the step).
     """
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
@@ -894,8 +949,12 @@ def _base_group_step(
         if fused:  # the per-tensor kernel: compiled, or eagerly for foreach=False
             from ._fused import bucket_step
 
-            bucket_step(state, group, ps, gs, okf.to(device), dtype, sanitize, views, decay)
+            z = bucket_step(state, group, ps, gs, okf.to(device), dtype, sanitize, views, decay, zsink is not None)
+            if zsink is not None:
+                zsink.append((ps, z))
             continue
+        if zsink is not None:
+            raise RuntimeError("the foreach path computes the meta-gradients before the step")
         foreach_base_step(state, group, ps, gs, okf.to(device), dtype, sanitize, own, decay, cache=views)
 
 

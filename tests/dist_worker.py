@@ -47,11 +47,18 @@ def batches(steps: int, n: int = 16):
 
 
 FUSED = False  # --fused: MetaOptimize(fused=True), on every rank and in the reference
+SKIP = True  # --noskip: skip_nonfinite=False (the compiled kernel then computes the meta-gradients' partial sums)
 
 
 def make_opt(model, granularity):
     return MetaOptimize(
-        param_groups(model, granularity), lr=3e-3, granularity=granularity, meta_lr=3e-2, gamma=0.99, fused=FUSED
+        param_groups(model, granularity),
+        lr=3e-3,
+        granularity=granularity,
+        meta_lr=3e-2,
+        gamma=0.99,
+        fused=FUSED,
+        skip_nonfinite=SKIP,
     )
 
 
@@ -83,9 +90,10 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--noskip", action="store_true")
     args = ap.parse_args()
-    global BF16, FUSED
-    BF16, FUSED = args.bf16, args.fused
+    global BF16, FUSED, SKIP
+    BF16, FUSED, SKIP = args.bf16, args.fused, not args.noskip
     # bf16 matmuls round differently for a half batch: Adam-normalised steps then differ by ~1 step size
     tol = dict(rtol=2e-2, atol=1e-2) if BF16 else dict(rtol=1e-4, atol=1e-6)
     torch.set_num_threads(1)

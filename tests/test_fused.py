@@ -16,7 +16,7 @@ import io
 
 import pytest
 import torch
-from optim_cases import BASES, CASES, CORE_CASES, run_pair
+from optim_cases import BASES, CASES, CORE_CASES, DEFAULT_LR, OptimCase, run_pair
 from test_fast_vs_reference import assert_params_close, assert_state_close, assert_step_sizes_close
 
 from hf_metaoptimize import MetaOptimize
@@ -45,9 +45,25 @@ NAMED = (
 TABLE += [c for c in CASES if c.name in NAMED]
 
 
+# Without the guard the kernel computes the meta-gradients itself (one more kernel per base): every base at a shared
+# granularity, with params that join late and params without a grad on some steps (the kernel's z go back to the
+# right params), and the decay / no-decay split (merged groups)
+NOSKIP = [
+    OptimCase(
+        f"{base}-noskip-{gran}",
+        dict(lr=DEFAULT_LR[base], base=base, granularity=gran, meta_lr=1e-2, weight_decay=0.1, skip_nonfinite=False),
+        late=("attn.qkv.bias",),
+        sometimes_none=("norm.weight",),
+    )
+    for base, gran in (("adamw", "tensor"), ("lion", "block"), ("sgd", "scalar"), ("rmsprop", "tensor"))
+]
+TABLE += NOSKIP
+
+
 def test_table_is_what_it_says():
     assert {c.name for c in TABLE} >= set(NAMED)  # a renamed case is not dropped silently
-    assert len(TABLE) == 5 * len(BASES) + len(NAMED)  # per base: 4 lion-meta granularities + adam-meta element
+    # per base: 4 lion-meta granularities + adam-meta element; then the named variants and the no-guard runs
+    assert len(TABLE) == 5 * len(BASES) + len(NAMED) + len(NOSKIP)
 
 
 @pytest.mark.parametrize("case", TABLE, ids=lambda c: c.name)
@@ -68,6 +84,38 @@ def test_fused_matches_foreach_float32(case):
         torch.testing.assert_close(p, plain.fast_params[name], rtol=1e-5, atol=1e-6)
         for key, value in fused.fast.state[p].items():
             torch.testing.assert_close(value, plain.fast.state[plain.fast_params[name]][key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["compiled", "per-tensor"])
+def test_without_the_guard_the_kernel_computes_the_meta_gradients(fused, monkeypatch):
+    """skip_nonfinite=False: nothing reads z before the update, so the per-tensor kernel computes <h, g> from the
+    OLD trace while it reads h and g for the update (no separate pass, no dot product outside it) and the meta
+    step gets the z the pass before the step gives (the foreach path's, to round-off)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = dict(lr=1e-2, granularity="tensor", meta_lr=1e-2, weight_decay=0.1, skip_nonfinite=False)
+    runs = {}
+    for name, extra in (("kernel", dict(fused=True) if fused else dict(foreach=False)), ("foreach", {})):
+        model = _model(torch.float64)
+        opt = MetaOptimize(model.parameters(), **kw, **extra)
+        _train(model, opt, 5)
+        runs[name] = (model, opt)
+    model, opt = runs["kernel"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the meta-gradient pass before the update ran")
+
+    monkeypatch.setattr(MetaOptimize, "_local_meta_grads", refuse)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _train(model, opt, 1, seed=3)
+    if fused:  # inside the compiled kernel
+        assert not [e for e in prof.key_averages() if e.key == "aten::dot"]
+    monkeypatch.undo()
+    _train(runs["foreach"][0], runs["foreach"][1], 1, seed=3)
+    for p, q in zip(model.parameters(), runs["foreach"][0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        for k, v in opt.state[p].items():
+            torch.testing.assert_close(v, runs["foreach"][1].state[q][k], rtol=1e-12, atol=1e-14, msg=k)
 
 
 def _model(dtype=torch.float32, seed=0):
