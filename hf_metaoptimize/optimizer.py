@@ -150,8 +150,10 @@ class MetaOptimize(Optimizer):
             ``state["nonfinite_steps"]`` is incremented (:meth:`skipped_steps` counts them). Done without a host
             sync: every update coefficient is multiplied by an on-device 0/1 flag and the math reads a zeroed
             copy of the gradients (``p.grad`` is never written); for AdamW that copy doubles as the step's
-            workspace, so the cost is two elementwise passes over the gradients. ``False`` lets inf/NaN
-            through into params and state.
+            workspace, so the cost is two elementwise passes over the gradients; the meta-gradients must then be
+            known before any weight moves, a pass of their own over h and g. ``False`` lets inf/NaN through
+            into params and state, and the compiled step (``fused``) computes the meta-gradients of scalar /
+            block / tensor granularity inside its kernel (measured here: ~15% off the step at 10M weights).
         foreach (bool, optional): ``True``: the multi-tensor (``torch._foreach_*``) path; ``False``: the
             per-tensor kernel of ``fused`` run uncompiled, one tensor at a time (slow; no compiler needed).
             Default None: chosen with ``fused`` (below).
