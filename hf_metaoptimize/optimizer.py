@@ -532,9 +532,9 @@ class MetaOptimize(Optimizer):
         if not active:
             return loss
         self._count_call()
-        if "_auto_fused" not in self.__dict__:
-            self._choose_fused(active)
         grads = {gi: self._grads(plist) for gi, _, plist in active}
+        if "_auto_fused" not in self.__dict__:
+            self._choose_fused(active, grads)
         # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
         if self._partitions is not None:  # DeepSpeed ZeRO: this call sees some partitions only
             self._partitions.step(self, active, grads)  # integrations.deepspeed.ZeroPartitions
@@ -593,11 +593,14 @@ class MetaOptimize(Optimizer):
         auto = self.__dict__.get("_auto_fused")
         return bool(auto)
 
-    def _choose_fused(self, active: list[tuple[int, dict[str, Any], list[Tensor]]]) -> None:
+    def _choose_fused(
+        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], grads: dict[int, list[Tensor]]
+    ) -> None:
         """The automatic choice of the step's implementation, once: the compiled kernel (``fused``) for models of
         at least :data:`AUTO_FUSED_MIN_WEIGHTS` weights where it compiles (or loads from its cache), else the
         foreach path. A failure to compile is said once (a warning) and the foreach path is used; the math is the
-        same either way."""
+        same either way. `grads`: as the step passes them to the kernel (:meth:`_grads`: in the trace's dtype), so
+        the package prepared here is the one the step runs."""
         groups = self._all_groups
         if any(g["fused"] is not None or g["foreach"] is not None for g in groups):
             self._auto_fused = False
@@ -609,13 +612,12 @@ class MetaOptimize(Optimizer):
         from . import _fused
 
         try:
-            for _, group, plist in active:
+            for gi, group, plist in active:
                 skip = group["skip_nonfinite"]
                 # the kernel that step() will run: with the meta-gradients where nothing reads them before it
                 dots = not skip and group["granularity"] != "element" and self._partitions is None
-                for p in plist:
-                    st = self.state[p]
-                    _fused.prepare(_fused.config_of(group, skip, dots), p, p.grad, st)
+                for p, g in zip(plist, grads[gi]):
+                    _fused.prepare(_fused.config_of(group, skip, dots), p, g, self.state[p])
         except RuntimeError as e:
             warnings.warn(
                 f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "

@@ -310,6 +310,22 @@ def test_default_picks_the_compiled_step_for_large_models_and_says_why_not_other
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # exactly the foreach path
 
 
+def test_default_prepares_the_kernel_the_step_runs_for_low_precision_params(monkeypatch):
+    """bf16 params: the step hands the kernel float32 copies of the grads (the trace's dtype); the automatic choice
+    must load or compile that package, not one for bf16 grads that no step runs (a second first-step compile)."""
+    from hf_metaoptimize import _fused, optimizer
+
+    monkeypatch.setattr(optimizer, "AUTO_FUSED_MIN_WEIGHTS", 10)
+    _fused.clear_cache()  # memory only: what this step loads is all that is in it afterwards
+    model = _model(torch.bfloat16)
+    opt = MetaOptimize(model.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    assert opt._auto_fused is True
+    assert [k[1] for k in _fused._RUNNERS] == [
+        ("torch.bfloat16", "torch.float32", "torch.float32", "torch.bfloat16", "torch.bfloat16")
+    ]
+
+
 @pytest.mark.parametrize("replace", ["param data", "state tensor", "load_state_dict"])
 def test_fused_kernel_follows_replaced_storage(replace):
     """The compiled step keeps flat views of params and state between steps: storage replaced under it (``p.data =
