@@ -47,6 +47,7 @@ from .rules import (
     lerp,
     meta_folded_scales,
     meta_gate,
+    meta_grad,
     stack0,
     step_size,
     tensor_step,
@@ -274,7 +275,7 @@ def fused_step(
         zs = []
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
             if dots:
-                zs.append(_dot(st["trace"], g))
+                zs.append(meta_grad(st["trace"], g))
             _run_eager(config, p, g, st, rows[i])
         return torch.stack(zs) if dots else None
     slots, dtypes, key = _layout(config, params[0], grads[0], states[0])
@@ -312,7 +313,7 @@ def fused_step(
     tiny_z = []
     for i in tiny:
         if dots:
-            tiny_z.append(_dot(states[i]["trace"], grads[i]))
+            tiny_z.append(meta_grad(states[i]["trace"], grads[i]))
         _run_eager(config, params[i], grads[i], states[i], rows[i])
     if not dots:
         return None
@@ -325,11 +326,6 @@ def fused_step(
     # the kernel's tensors first, then the tiny ones: back to the order of `params`
     zcat = torch.cat([z, zt])
     return torch.empty_like(zcat).index_copy_(0, _order(len(params), tuple(tiny), zcat.device), zcat)
-
-
-def _dot(h: Tensor, g: Tensor) -> Tensor:
-    """``<h, g>`` of one tensor, uncompiled (the tensors the kernel does not take, and ``foreach=False``)."""
-    return torch.dot(h.reshape(-1), g.reshape(-1).to(h.dtype))
 
 
 def _kernel_inputs(

@@ -35,6 +35,7 @@ from .rules import (
     cooldown_scale,
     foreach_base_step,
     foreach_meta_step_element,
+    meta_grad,
     meta_step_shared,
     packed,
     wide_dtype,
@@ -546,7 +547,7 @@ class MetaOptimize(Optimizer):
         sums = skip or not element  # else the meta step reads h * g alone
         # Without the guard nothing needs z before the update: the per-tensor kernel computes it while it reads h
         # and g for the update (two reads of every weight saved), and it is completed after the base step.
-        late = not skip and not element and all(self._fused_on(g) for _, g, _ in active)
+        late = all(self._fused_on(g) and self._kernel_dots(g) for _, g, _ in active)
         zsink: list[tuple[list[Tensor], Tensor]] | None = [] if late else None
         if late:
             ok, okf = None, self._unit(active)
@@ -613,11 +614,9 @@ class MetaOptimize(Optimizer):
 
         try:
             for gi, group, plist in active:
-                skip = group["skip_nonfinite"]
-                # the kernel that step() will run: with the meta-gradients where nothing reads them before it
-                dots = not skip and group["granularity"] != "element" and self._partitions is None
+                config = _fused.config_of(group, group["skip_nonfinite"], self._kernel_dots(group))
                 for p, g in zip(plist, grads[gi]):
-                    _fused.prepare(_fused.config_of(group, skip, dots), p, g, self.state[p])
+                    _fused.prepare(config, p, g, self.state[p])  # the kernel step() will run
         except RuntimeError as e:
             warnings.warn(
                 f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "
@@ -629,6 +628,12 @@ class MetaOptimize(Optimizer):
             return
         logger.info("MetaOptimize: %d weights: using the compiled (fused) step; foreach=True picks the other", weights)
         self._auto_fused = True
+
+    def _kernel_dots(self, group: dict[str, Any]) -> bool:
+        """Whether the per-tensor kernel computes this group's meta-gradients ``z_p`` itself, while it reads h and g
+        for the update: when nothing needs them before it (no guard; shared step sizes: element granularity reads
+        ``h * g`` per weight; not under DeepSpeed ZeRO, whose partitions reduce them first)."""
+        return not group["skip_nonfinite"] and group["granularity"] != "element" and self._partitions is None
 
     def _count_call(self) -> None:
         """Warn once when stepped past ``total_steps`` (the cooldown has brought the step size to 0). A host
@@ -735,7 +740,7 @@ class MetaOptimize(Optimizer):
                 if sums:
                     zparts.extend(z.sum() for z in ze)
             elif sums:
-                zparts.extend(torch.dot(h.reshape(-1), g.reshape(-1)) for h, g in zip(traces, gl))
+                zparts.extend(map(meta_grad, traces, gl))
             kinds.update((h.device, h.dtype) for h in traces)  # each z_p's: the grads are in the trace's dtype
         if len(kinds) > 1:  # params on several devices / of mixed precision
             wide = torch.float64 if any(dt == torch.float64 for _, dt in kinds) else torch.float32

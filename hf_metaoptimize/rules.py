@@ -254,6 +254,13 @@ def add0_(ts: list[Tensor], value: Tensor) -> None:
         torch._foreach_add_(ts, value)
 
 
+def meta_grad(h: Tensor, g: Tensor) -> Tensor:
+    """Algorithm 3 step 1 for one tensor: ``z_p = <h_p, g_p>`` from the OLD trace (0-d, in the trace's dtype; the
+    grads are already in it, ``MetaOptimize._grads``), rank-local. The compiled kernel computes it in its own
+    code (``_fused._Chunk``)."""
+    return torch.dot(h.reshape(-1), g.reshape(-1))
+
+
 def advance(counts: list[Tensor], by: Tensor) -> Tensor:
     """``counts += by`` for 0-d float32 step counters (one op for a packed run), then the new counts in float64,
     at least 1: the step numbers a bias correction is taken at."""
