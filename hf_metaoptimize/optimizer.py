@@ -242,7 +242,7 @@ class MetaOptimize(Optimizer):
         super().__init__(params, defaults)
         self._index_cache: dict[Any, Tensor] = {}
         # the compiled step's flat views of params and state; the foreach path's small-bucket workspaces
-        self._views: dict[Any, list[Tensor]] = {}
+        self._views: dict[Any, Any] = {}
         # The full list of param groups. DeepSpeed ZeRO-1/2 temporarily replaces `param_groups` by a one-group
         # list around each step() call; this is how the optimizer still sees every block.
         self._all_groups = self.param_groups
@@ -937,7 +937,7 @@ def _base_group_step(
     fused: bool,
     own: bool | None = None,
     kappas: list[float] | None = None,
-    views: dict[int, list[Tensor]] | None = None,
+    views: dict[Any, Any] | None = None,
     zsink: list[tuple[list[Tensor], Tensor]] | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).

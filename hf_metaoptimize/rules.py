@@ -258,6 +258,8 @@ def meta_grad(h: Tensor, g: Tensor) -> Tensor:
     """Algorithm 3 step 1 for one tensor: ``z_p = <h_p, g_p>`` from the OLD trace (0-d, in the trace's dtype; the
     grads are already in it, ``MetaOptimize._grads``), rank-local. The compiled kernel computes it in its own
     code (``_fused._Chunk``)."""
+    if h.dim() == 1:  # the common 1-D tensors (biases, norms) without the two reshapes (~1 us per tensor)
+        return torch.dot(h, g)
     return torch.dot(h.reshape(-1), g.reshape(-1))
 
 
