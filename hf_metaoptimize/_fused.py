@@ -295,9 +295,9 @@ def fused_step(
         sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
         pad = (-len(items)) % CHUNK
         if pad:
-            dummy = [torch.zeros(2, dtype=dtypes[k], device=device) for k in ("p", "g", *slots)]
+            dummy, zero_rows = _padding(key, dtypes, slots, device, sub)
             items += [dummy] * pad
-            sub = torch.cat([sub, torch.zeros(pad, sub.shape[1], dtype=sub.dtype, device=sub.device)])
+            sub = torch.cat([sub, zero_rows[:pad]])
         # the runner's boxed entry point takes the flat list as it is (the callable wrapper would re-derive it
         # with pytree on every call: a fifth of the dispatch cost)
         loader = getattr(fn, "loader", None)
@@ -326,6 +326,23 @@ def fused_step(
     # the kernel's tensors first, then the tiny ones: back to the order of `params`
     zcat = torch.cat([z, zt])
     return torch.empty_like(zcat).index_copy_(0, _order(len(params), tuple(tiny), zcat.device), zcat)
+
+
+# kernel key -> (the padding tensor's slots, CHUNK zero rows): made once, not at every step
+_PADDING: dict[tuple, tuple[list[Tensor], Tensor]] = {}
+
+
+def _padding(key: tuple, dtypes: dict[str, torch.dtype], slots: tuple[str, ...], device, rows: Tensor):
+    """What fills a last chunk up to CHUNK tensors: one 2-weight tensor per slot (repeated; the kernel writes into it,
+    its values are never read) and zero rows (ok = 0, alpha = 0). Kept per kernel key and rows' dtype / device."""
+    k = (key, rows.dtype, rows.device)
+    hit = _PADDING.get(k)
+    if hit is None:
+        if len(_PADDING) > 64:
+            _PADDING.clear()
+        dummy = [torch.zeros(2, dtype=dtypes[name], device=device) for name in ("p", "g", *slots)]
+        hit = _PADDING[k] = (dummy, torch.zeros(CHUNK, rows.shape[1], dtype=rows.dtype, device=rows.device))
+    return hit
 
 
 def _kernel_inputs(

@@ -101,6 +101,8 @@ def complete_meta_grads(zvec: Tensor, params: list[Tensor], index: Callable[[tup
     over their shard group completes them. `index(layout, device)` builds (and caches) the 0/1 mask tensor.
     DeepSpeed ZeRO partitions are reduced by :class:`hf_metaoptimize.integrations.deepspeed.ZeroPartitions`.
     """
+    if _dtensor_type() is None:  # DTensor never imported: nothing is sharded (no look at every param)
+        return zvec
     pgroups = [shard_group(p) for p in params]
     if all(g is None for g in pgroups):
         return zvec
