@@ -212,12 +212,27 @@ def test_fused_bf16_params_keep_float32_state():
         torch.testing.assert_close(st["log_step"], ref_opt.state[q]["log_step"], rtol=0, atol=0.1)
 
 
-def test_fused_non_contiguous_param_matches_foreach():
+@pytest.mark.parametrize("layout", ["transposed 2-D", "strided 1-D grad"])
+def test_fused_non_contiguous_param_matches_foreach(layout):
+    """Non-contiguous tensors reach the kernel as contiguous copies (written back for params and state), never as
+    views it would misread: a transposed param with transposed grads, and a 1-D param whose grad is a strided view
+    (a 1-D contiguous grad is passed as it is)."""
+
     def make():
         torch.manual_seed(0)
+        if layout == "strided 1-D grad":
+            return torch.nn.Parameter(torch.randn(9))
         w = torch.nn.Parameter(torch.randn(5, 7).t())  # a transposed (non-contiguous) param
         assert not w.is_contiguous()
         return w
+
+    def grad(gen):
+        if layout == "strided 1-D grad":
+            g = torch.randn(18, generator=gen)[::2]
+        else:
+            g = torch.randn(5, 7, generator=gen).t()
+        assert not g.is_contiguous()
+        return g
 
     runs = []
     for fused in (True, False):
@@ -225,10 +240,11 @@ def test_fused_non_contiguous_param_matches_foreach():
         opt = MetaOptimize([w], lr=1e-2, granularity="element", meta_lr=1e-2, weight_decay=0.1, fused=fused)
         gen = torch.Generator().manual_seed(3)
         for _ in range(8):
-            w.grad = torch.randn(5, 7, generator=gen).t()
+            w.grad = grad(gen)
             opt.step()
         runs.append((w, opt.state[w]))
     (a, sa), (b, sb) = runs
+    assert not torch.equal(a, make())  # the params moved
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
