@@ -783,7 +783,9 @@ class MetaOptimize(Optimizer):
             return out
         if gran == "scalar":
             z = red.reshape(())
-            members = [(g, [p for p in g["params"] if self.state.get(p)]) for g in groups]
+            # a group whose params all stepped: its active list is its params (the same order), all with state
+            whole = {id(g): plist for _, g, plist in active if len(plist) == len(g["params"])}
+            members = [(g, whole.get(id(g)) or [p for p in g["params"] if self.state.get(p)]) for g in groups]
             return [(g, ml, z) for g, ml in members if ml]
         members, layout = [], []  # block: members of active blocks, their z gathered from the block sums
         for gi, group in enumerate(groups):

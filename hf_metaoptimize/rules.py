@@ -543,8 +543,11 @@ def meta_step_shared(
     MBs = [s["meta_exp_avg"] for s in sts]
     Cs = [s["block_step"] for s in sts]
     dev = Ls[0].device
-    dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
-    one_device = len({t.device for t in Ls}) == 1
+    if packed(Ls):  # one vector's elements: one dtype, one device (no look at each)
+        dt, one_device = Ls[0].dtype, True
+    else:
+        dt = Ls[0].dtype if len({t.dtype for t in Ls}) == 1 else torch.float64
+        one_device = len({t.device for t in Ls}) == 1
 
     def stack(ts: list[Tensor], dtype: torch.dtype = dt) -> Tensor:  # read only (a packed run is the state itself)
         return (stack0(ts) if one_device else torch.stack([t.to(dev) for t in ts])).to(dtype)
