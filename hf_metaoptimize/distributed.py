@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["local_tensor", "any_dtensor", "shard_group", "reduce_partial_sums", "complete_meta_grads", "shutdown"]
+__all__ = [
+    "local_tensor",
+    "any_dtensor",
+    "shard_group",
+    "shard_layout",
+    "reduce_partial_sums",
+    "complete_meta_grads",
+    "shutdown",
+]
 
 #: Seconds ``shutdown()`` releases the GIL after destroying the process groups (see its docstring).
 DRAIN_SECONDS = 0.2
@@ -93,22 +101,38 @@ def reduce_partial_sums(vec: Tensor, mask: Tensor, groups: list[Any]) -> Tensor:
     return part + vec * (1 - mask)
 
 
-def complete_meta_grads(zvec: Tensor, params: list[Tensor], index: Callable[[tuple, Any], Tensor]) -> Tensor:
+def shard_layout(params: list[Tensor]) -> tuple[tuple[int, ...], list[Any]] | None:
+    """Which of `params` are sharded (a 0/1 per param) and their distinct shard process groups; None when none is
+    (one process, DDP, or DTensor never imported: no look at every param)."""
+    if _dtensor_type() is None:
+        return None
+    pgroups = [shard_group(p) for p in params]
+    if all(g is None for g in pgroups):
+        return None
+    distinct = list({id(g): g for g in pgroups if g is not None}.values())
+    return tuple(int(g is not None) for g in pgroups), distinct
+
+
+_UNKNOWN = object()
+
+
+def complete_meta_grads(
+    zvec: Tensor, params: list[Tensor], index: Callable[[tuple, Any], Tensor], layout: Any = _UNKNOWN
+) -> Tensor:
     """The per-param meta-gradients ``z_p = <h_p, g_p>`` (one entry per param of `params`), complete over ranks.
 
     One process and DDP: nothing to do (DDP's gradients are already averaged; replicated params are never
     reduced again). FSDP2: the entries of sharded params (DTensors) are rank-local partial sums; one all-reduce
-    over their shard group completes them. `index(layout, device)` builds (and caches) the 0/1 mask tensor.
+    over their shard group completes them. `index(layout, device)` builds (and caches) the 0/1 mask tensor;
+    `layout`: :func:`shard_layout` of `params` where the caller keeps it (else found here).
     DeepSpeed ZeRO partitions are reduced by :class:`hf_metaoptimize.integrations.deepspeed.ZeroPartitions`.
     """
-    if _dtensor_type() is None:  # DTensor never imported: nothing is sharded (no look at every param)
+    if layout is _UNKNOWN:
+        layout = shard_layout(params)
+    if layout is None:
         return zvec
-    pgroups = [shard_group(p) for p in params]
-    if all(g is None for g in pgroups):
-        return zvec
-    distinct = list({id(g): g for g in pgroups if g is not None}.values())
-    mask = index(tuple(int(g is not None) for g in pgroups), zvec.device)
-    return reduce_partial_sums(zvec, mask, distinct)
+    mask, distinct = layout
+    return reduce_partial_sums(zvec, index(mask, zvec.device), distinct)
 
 
 def shutdown(barrier: bool = True) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .distributed import complete_meta_grads
+from .distributed import complete_meta_grads, shard_layout
 from .distributed import local_tensor as _local
 from .rules import (
     add0_,
@@ -307,6 +307,7 @@ class MetaOptimize(Optimizer):
         if changed or len(snaps) != len(groups):
             self._check_across(groups)
             self._views.clear()  # params may have left: their views must not keep them (and their state) alive
+            self._plan = None  # the step's layout merges groups by their values: derived again
             snaps.clear()
             snaps.update((gi, _snapshot(group)) for gi, group in enumerate(groups))
 
@@ -527,21 +528,18 @@ class MetaOptimize(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()  # groups edited or loaded since the last step are validated before use
-        if self._partitions is None:
-            _refuse_unattached_partitions(self)
-        active = self._init_group()
-        if not active:
+        plan = self._layout()
+        if plan is None:
             return loss
+        active = plan.active
         self._count_call()
-        grads = {gi: self._grads(plist) for gi, _, plist in active}
         if "_auto_fused" not in self.__dict__:
-            self._choose_fused(active, grads)
+            self._choose_fused(active)
+        grads = plan.grads(self._fused_on, raw=self._partitions is None)
         # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
         if self._partitions is not None:  # DeepSpeed ZeRO: this call sees some partitions only
-            self._partitions.step(self, active, grads)  # integrations.deepspeed.ZeroPartitions
+            self._partitions.step(self, plan, grads)  # integrations.deepspeed.ZeroPartitions
             return loss
-        if self.__dict__.get("_pack_dirty", True):
-            self._pack_0d()
         skip = self._all_groups[0]["skip_nonfinite"]
         element = self._all_groups[0]["granularity"] == "element"
         sums = skip or not element  # else the meta step reads h * g alone
@@ -549,41 +547,59 @@ class MetaOptimize(Optimizer):
         # and g for the update (two reads of every weight saved), and it is completed after the base step.
         late = all(self._fused_on(g) and self._kernel_dots(g) for _, g, _ in active)
         zsink: list[tuple[list[Tensor], Tensor]] | None = [] if late else None
+        inputs: dict[int, list[Tensor]] = {}  # the compiled kernel's inputs, made once for both of its passes
         if late:
             ok, okf = None, self._unit(active)
         else:
-            zvec, zelem = self._local_meta_grads(active, grads, sums)
+            zvec, zelem = self._local_meta_grads(active, grads, sums, inputs, plan.states)
             if sums:  # one process / DDP: complete already; FSDP2: one all-reduce completes the partial sums
-                zvec = complete_meta_grads(zvec, [p for _, _, plist in active for p in plist], self._cached_index)
-            red, keys = self._block_sums(active, zvec)
+                zvec = plan.complete(zvec, self._cached_index)
+            red, keys = self._block_sums(active, zvec, plan)
             ok, okf, red = _finite_guard(red, skip)
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
-        for group, plist, glist, kappas in _merge_groups(active, grads, self._fused_on):
-            fused = self._fused_on(group)
-            _base_group_step(
-                self.state,
-                group,
-                plist,
-                glist,
-                okf,
-                ok is not None,
-                fused,
-                kappas=kappas,
-                views=self._views,
-                zsink=zsink,
-            )
+        for bucket in plan.base_buckets(self._fused_on):
+            bucket.step(self.state, grads, okf, ok is not None, self._views, zsink, inputs)
         if late:
-            plist_all = [p for _, _, plist in active for p in plist]
-            zvec = complete_meta_grads(_assemble(plist_all, zsink, self._cached_index), plist_all, self._cached_index)
-            red, keys = self._block_sums(active, zvec)
+            zvec = plan.complete(_assemble(plan.params, zsink, self._cached_index), self._cached_index)
+            red, keys = self._block_sums(active, zvec, plan)
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
             self._element_meta_steps(active, zelem, ok, okf)
         else:
-            for group, members, z in _merge_meta(self._block_members(active, red, keys)):
-                meta_step_shared(self.state, group, members, z, okf)
-        _count_skipped(self.state, [p for _, _, plist in active for p in plist], ok, okf)
+            for group, members, sts, z in self._meta_calls(plan, red, keys):
+                meta_step_shared(self.state, group, members, z, okf, sts)
+        _count_skipped(plan.flat_states, ok, okf)
         return loss
+
+    def _layout(self) -> _Plan | None:
+        """This step's :class:`_Plan`: the one kept from the previous step while its layout holds (the same params with
+        a grad, the same state dicts, no new state, no load, no edited group), else a new one, with lazy state for new
+        params (None when no param has a grad). The check is two passes over the params: each one's identity where
+        it has a grad, and the identity of its state dict (``opt.state.clear()`` or a replaced dict starts it anew)."""
+        sig = (
+            id(self._partitions),
+            tuple((id(g), tuple(id(p) if p.grad is not None else 0 for p in g["params"])) for g in self.param_groups),
+        )
+        plan = self.__dict__.get("_plan")
+        if (
+            plan is not None
+            and plan.sig == sig
+            and not self.__dict__.get("_pack_dirty", True)
+            and all(map(operator.is_, map(self.state.get, plan.params), plan.flat_states))  # no state dict replaced
+        ):
+            return plan
+        self._plan = None
+        if self._partitions is None:
+            _refuse_unattached_partitions(self)
+        active = self._init_group()
+        if not active:
+            return None
+        if self._partitions is None and self.__dict__.get("_pack_dirty", True):
+            self._pack_0d()
+        plan = _Plan(self, sig, active)
+        if self._partitions is None:  # under DeepSpeed every call sees other partitions: made anew each call
+            self._plan = plan
+        return plan
 
     def _fused_on(self, group: dict[str, Any]) -> bool:
         """Whether this group steps with the per-tensor function (``rules.tensor_step``): compiled for ``fused=True`` or
@@ -594,14 +610,12 @@ class MetaOptimize(Optimizer):
         auto = self.__dict__.get("_auto_fused")
         return bool(auto)
 
-    def _choose_fused(
-        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], grads: dict[int, list[Tensor]]
-    ) -> None:
+    def _choose_fused(self, active: list[tuple[int, dict[str, Any], list[Tensor]]]) -> None:
         """The automatic choice of the step's implementation, once: the compiled kernel (``fused``) for models of
         at least :data:`AUTO_FUSED_MIN_WEIGHTS` weights where it compiles (or loads from its cache), else the
         foreach path. A failure to compile is said once (a warning) and the foreach path is used; the math is the
-        same either way. `grads`: as the step passes them to the kernel (:meth:`_grads`: in the trace's dtype), so
-        the package prepared here is the one the step runs."""
+        same either way. The packages prepared are those the step runs: the kernel for the grads as they are
+        (:meth:`_grads`), and the meta-gradient program where the guard needs it before the kernel."""
         groups = self._all_groups
         if any(g["fused"] is not None or g["foreach"] is not None for g in groups):
             self._auto_fused = False
@@ -613,10 +627,12 @@ class MetaOptimize(Optimizer):
         from . import _fused
 
         try:
-            for gi, group, plist in active:
-                config = _fused.config_of(group, group["skip_nonfinite"], self._kernel_dots(group))
-                for p, g in zip(plist, grads[gi]):
-                    _fused.prepare(config, p, g, self.state[p])  # the kernel step() will run
+            for _, group, plist in active:
+                kernel_dots = self._kernel_dots(group)
+                config = _fused.config_of(group, group["skip_nonfinite"], kernel_dots)
+                dots = group["skip_nonfinite"] and not kernel_dots  # the pass before the kernel (the guard)
+                for p in plist:
+                    _fused.prepare(config, p, p.grad, self.state[p], dots)  # the programs step() will run
         except RuntimeError as e:
             warnings.warn(
                 f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "
@@ -712,8 +728,12 @@ class MetaOptimize(Optimizer):
         h = _local(self.state[active[0][2][0]]["trace"])
         return torch.ones((), dtype=h.dtype, device=h.device)
 
-    def _grads(self, params: list[Tensor]) -> list[Tensor]:
-        """The gradients as the math reads them: in the trace's dtype (float32+; a copy for low precision)."""
+    def _grads(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The gradients as the math reads them: as they are for the per-tensor kernel (it widens a low-precision
+        grad as it reads it: no float32 copy, which would cost a write and two reads of 4 bytes per weight), in the
+        trace's dtype (float32+; a copy for low precision) for the foreach path and DeepSpeed's partitions."""
+        if self._partitions is None and self._fused_on(group):
+            return [p.grad for p in params]
         out = []
         for p in params:
             h, g = self.state[p]["trace"], p.grad
@@ -721,27 +741,39 @@ class MetaOptimize(Optimizer):
         return out
 
     def _local_meta_grads(
-        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], grads: dict[int, list[Tensor]], sums: bool
+        self,
+        active: list[tuple[int, dict[str, Any], list[Tensor]]],
+        grads: dict[int, list[Tensor]],
+        sums: bool,
+        inputs: dict[int, list[Tensor]] | None = None,
+        states: dict[int, list[dict[str, Tensor]]] | None = None,
     ) -> tuple[Tensor, dict[int, list[Tensor]]]:
-        """Algorithm 3 step 1 on rank-local tensors: one 0-d ``<h_p, g_p>`` per param, stacked; for element
-        granularity (foreach path) also the elementwise ``h * g`` per param, which the meta step consumes.
-        Without `sums` (element granularity and no guard: nothing reads them) the stack is empty, of the dtype
-        and device it would have had, and no dot product is computed (two reads of every weight saved)."""
+        """Algorithm 3 step 1 on rank-local tensors: one 0-d ``<h_p, g_p>`` per param, as one vector in param order;
+        for element granularity (foreach path) also the elementwise ``h * g`` per param, which the meta step
+        consumes. On the compiled path the dot products are a compiled program too (``_fused.group_dots``, one call
+        per 16 tensors), which makes the step kernel's inputs on the way and keeps them in `inputs`. Without `sums`
+        (element granularity and no guard: nothing reads them) the vector is empty, of the dtype and device it would
+        have had, and no dot product is computed (two reads of every weight saved). `states`: each group's state dicts
+        (the step's plan has them; else looked up)."""
         element = self._all_groups[0]["granularity"] == "element"
         zparts: list[Tensor] = []
         zelem: dict[int, list[Tensor]] = {}
         kinds: set[tuple[torch.device, torch.dtype]] = set()
         for gi, group, plist in active:
-            traces = [_local(self.state[p]["trace"]) for p in plist]
-            gl = [_local(g) for g in grads[gi]]
+            sts = [self.state[p] for p in plist] if states is None else states[gi]
+            traces = [_local(st["trace"]) for st in sts]
+            kinds.update((h.device, h.dtype) for h in traces)  # each z_p's: the trace's
             if element and not self._fused_on(group):
-                ze = torch._foreach_mul(traces, gl)
+                ze = torch._foreach_mul(traces, [_local(g) for g in grads[gi]])
                 zelem[gi] = ze
                 if sums:
-                    zparts.extend(z.sum() for z in ze)
+                    zparts.append(torch.stack([z.sum() for z in ze]))
+            elif sums and self._fused_on(group) and self._partitions is None:
+                from ._fused import group_dots
+
+                zparts.append(group_dots(self.state, group, plist, grads[gi], self._views, inputs, sts))
             elif sums:
-                zparts.extend(map(meta_grad, traces, gl))
-            kinds.update((h.device, h.dtype) for h in traces)  # each z_p's: the grads are in the trace's dtype
+                zparts.append(torch.stack([meta_grad(h, _local(g)) for h, g in zip(traces, grads[gi])]))
         if len(kinds) > 1:  # params on several devices / of mixed precision
             wide = torch.float64 if any(dt == torch.float64 for _, dt in kinds) else torch.float32
             home = active[0][2][0].device
@@ -750,58 +782,95 @@ class MetaOptimize(Optimizer):
         if not sums:
             ((device, dtype),) = kinds
             return torch.empty(0, dtype=dtype, device=device), zelem
-        return torch.stack(zparts), zelem
+        return (zparts[0] if len(zparts) == 1 else torch.cat(zparts)), zelem
 
     def _block_sums(
-        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], zvec: Tensor
+        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], zvec: Tensor, plan: _Plan | None = None
     ) -> tuple[Tensor, dict[Any, int] | None]:
         """One meta-gradient per block: scalar sums every z_p, block sums by block key (``keys``: key -> row),
-        tensor and element keep one entry per param."""
+        tensor and element keep one entry per param. `plan`: where the block layout is kept between steps."""
         gran = self._all_groups[0]["granularity"]
         if gran == "scalar":
             return zvec.sum().reshape(1), None
         if gran != "block":
             return zvec, None
-        keys: dict[Any, int] = {}
-        layout = [keys.setdefault(self._block_key(gi, g, p), len(keys)) for gi, g, plist in active for p in plist]
+
+        def layout_of() -> tuple[dict[Any, int], list[int]]:
+            keys: dict[Any, int] = {}
+            rows = [keys.setdefault(self._block_key(gi, g, p), len(keys)) for gi, g, plist in active for p in plist]
+            return keys, rows
+
+        keys, layout = layout_of() if plan is None else plan.get("blocks", layout_of)
         red = torch.zeros(len(keys), dtype=zvec.dtype, device=zvec.device)
         red.index_add_(0, self._cached_index(tuple(layout), zvec.device), zvec)
         return red, keys
 
-    def _block_members(
-        self, active: list[tuple[int, dict[str, Any], list[Tensor]]], red: Tensor, keys: dict[Any, int] | None
-    ) -> list[tuple[dict[str, Any], list[Tensor], Tensor]]:
-        """(group, members, z) for the 0-d meta steps: every member WITH STATE of a block that has a param in this
-        step (scalar: all of them; tensor: the active params), with the block's meta-gradient for each member."""
+    def _meta_calls(
+        self, plan: _Plan, red: Tensor, keys: dict[Any, int] | None
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[dict[str, Tensor]], Tensor]]:
+        """(group, members, their states, z) of the 0-d meta steps of this step: every member WITH STATE of a block
+        that has a param in this step (scalar: all of them; tensor: the active params), each with its block's
+        meta-gradient (from `red`, the block sums), and groups with the same meta settings
+        (:data:`~hf_metaoptimize.spec.BLOCK_KEYS`) in one call: each member's update reads only its own state, its
+        z and those settings, so merging changes no number. Who the members are is kept in the plan."""
+        calls = plan.get("meta", lambda: self._meta_members(plan, keys))
+        out = []
+        for group, members, sts, pick in calls:
+            if pick is None:  # scalar: one z for all
+                z = red.reshape(()).expand(len(members))
+            elif isinstance(pick, slice):
+                z = red[pick]
+            else:
+                z = red.index_select(0, self._cached_index(pick, red.device))
+            out.append((group, members, sts, z))
+        return out
+
+    def _meta_members(
+        self, plan: _Plan, keys: dict[Any, int] | None
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[dict[str, Tensor]], Any]]:
+        """The members of each meta-step call and where their z are in the block sums (None: the one scalar;
+        a slice; or a tuple of rows), groups with equal :data:`~hf_metaoptimize.spec.BLOCK_KEYS` merged."""
         groups = self._all_groups
         gran = groups[0]["granularity"]
+        items: list[tuple[dict[str, Any], list[Tensor], list[int] | None]] = []
         if gran == "tensor":
-            out, start = [], 0
-            for _, group, plist in active:
-                out.append((group, plist, red[start : start + len(plist)]))
+            start = 0
+            for _, group, plist in plan.active:
+                items.append((group, plist, list(range(start, start + len(plist)))))
                 start += len(plist)
-            return out
-        if gran == "scalar":
-            z = red.reshape(())
+        elif gran == "scalar":
             # a group whose params all stepped: its active list is its params (the same order), all with state
-            whole = {id(g): plist for _, g, plist in active if len(plist) == len(g["params"])}
-            members = [(g, whole.get(id(g)) or [p for p in g["params"] if self.state.get(p)]) for g in groups]
-            return [(g, ml, z) for g, ml in members if ml]
-        members, layout = [], []  # block: members of active blocks, their z gathered from the block sums
-        for gi, group in enumerate(groups):
-            ml = []
-            for p in group["params"]:
-                k = self._block_key(gi, group, p)
-                if k in keys and self.state.get(p):
-                    ml.append(p)
-                    layout.append(keys[k])
-            if ml:
-                members.append((group, ml))
-        zall = red.index_select(0, self._cached_index(tuple(layout), red.device))
-        out, start = [], 0
-        for group, ml in members:
-            out.append((group, ml, zall[start : start + len(ml)]))
-            start += len(ml)
+            whole = {id(g): plist for _, g, plist in plan.active if len(plist) == len(g["params"])}
+            for g in groups:
+                ml = whole.get(id(g)) or [p for p in g["params"] if self.state.get(p)]
+                if ml:
+                    items.append((g, ml, None))
+        else:  # block: members of active blocks, their z gathered from the block sums
+            for gi, group in enumerate(groups):
+                ml, rows = [], []
+                for p in group["params"]:
+                    k = self._block_key(gi, group, p)
+                    if k in keys and self.state.get(p):
+                        ml.append(p)
+                        rows.append(keys[k])
+                if ml:
+                    items.append((group, ml, rows))
+        merged: dict[tuple, list[Any]] = {}
+        for group, ml, rows in items:
+            key = tuple(group[k] for k in BLOCK_KEYS)
+            if key not in merged:
+                merged[key] = [group, [], []]
+            merged[key][1].extend(ml)
+            merged[key][2].append(rows)
+        out = []
+        for group, ml, parts in merged.values():
+            if parts[0] is None:
+                pick: Any = None
+            else:
+                rows = [r for part in parts for r in part]
+                contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+                pick = slice(rows[0], rows[0] + len(rows)) if contiguous else tuple(rows)
+            out.append((group, ml, [self.state[p] for p in ml], pick))
         return out
 
     def _element_meta_steps(self, active, zelem, ok, okf) -> None:
@@ -852,6 +921,123 @@ def _refuse_unattached_partitions(opt: MetaOptimize) -> None:
         refuse_unattached(opt)
 
 
+# ---------------------------------------------------------------------- the step's layout
+class _Plan:
+    """What a step derives from its layout, once, and reuses while the layout holds: which params step (those with a
+    grad, in param-group order), their state dicts, the merged base-step buckets, the meta steps' members, the
+    shard layout of the meta-gradients. A step then costs, per param, its grad and the kernel's input checks; the
+    rest is vector math. `sig`: what it was derived from (:meth:`MetaOptimize._layout` compares it at every step);
+    new state, a load and edited groups make a new one. Values a step reads from the state (step counts, log step
+    sizes, ...) are read from the state dicts at every step, never kept here: an entry replaced in a state dict is
+    what the next step uses."""
+
+    def __init__(self, opt: MetaOptimize, sig: tuple, active: list[tuple[int, dict[str, Any], list[Tensor]]]) -> None:
+        self.sig = sig
+        self.active = active
+        self.states = {gi: [opt.state[p] for p in plist] for gi, _, plist in active}
+        self.params = [p for _, _, plist in active for p in plist]
+        self.flat_states = [st for gi, _, _ in active for st in self.states[gi]]
+        # the dtype each group's grads are read in by the foreach path: the trace's (None: all already are)
+        self.widen = {}
+        for gi, _, plist in active:
+            dts = [st["trace"].dtype for st in self.states[gi]]
+            self.widen[gi] = None if all(p.dtype == dt for p, dt in zip(plist, dts)) else dts
+        self.memo: dict[Any, Any] = {}  # derived once: block layouts, meta members, shard layout, buckets
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()`, computed once per plan."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    def grads(self, fused_on: Callable[[dict[str, Any]], bool], raw: bool) -> dict[int, list[Tensor]]:
+        """Each group's grads as the math reads them: as they are for the per-tensor kernel (`raw`: it widens a
+        low-precision grad as it reads it; no float32 copy, which would cost a write and two reads of 4 bytes per
+        weight), in the trace's dtype (a copy for low precision) for the foreach path and DeepSpeed's partitions."""
+        out = {}
+        for gi, group, plist in self.active:
+            gs = [p.grad for p in plist]
+            dts = self.widen[gi]
+            if dts is not None and not (raw and fused_on(group)):
+                gs = [g if g.dtype == dt else g.to(dt) for g, dt in zip(gs, dts)]
+            out[gi] = gs
+        return out
+
+    def complete(self, zvec: Tensor, index: Callable[[tuple, Any], Tensor]) -> Tensor:
+        """The meta-gradients completed over ranks (:func:`hf_metaoptimize.distributed.complete_meta_grads`), with the
+        shard layout of the params found once."""
+        layout = self.get("shard", lambda: shard_layout(self.params))
+        return complete_meta_grads(zvec, self.params, index, layout)
+
+    def base_buckets(self, fused_on: Callable[[dict[str, Any]], bool]) -> list[_Bucket]:
+        """The base step's buckets: active groups whose step hyper-parameters are equal merged (:func:`_merge_key`),
+        then split by (device, dtype). The merge is decided at every step from the groups' values (a scheduler may
+        change one group's lr alone); the buckets of each decision are made once."""
+        keys = tuple(_merge_key(group, fused_on) for _, group, _ in self.active)
+        return self.get(("buckets", keys), lambda: _buckets(self, keys, fused_on))
+
+
+def _merge_key(group: dict[str, Any], fused_on: Callable[[dict[str, Any]], bool]) -> tuple:
+    """Groups with equal keys step as one (every value the base step reads, but the weight decay: it goes per
+    tensor)."""
+    return (fused_on(group), *(("tensor", id(v)) if isinstance(v := group.get(k), Tensor) else v for k in _STEP_KEYS))
+
+
+class _Bucket:
+    """The params of one base-step call: one (merged group, device, dtype), with their states, weight decays, keys
+    (their ids: the compiled step's view cache key, stable when a param is a DTensor whose local shard is a new
+    tensor at every step) and where their grads are in the step's per-group grad lists."""
+
+    __slots__ = ("group", "params", "states", "kappas", "where", "device", "dtype", "fused", "keys")
+
+    def __init__(self, group, params, states, kappas, where, device, dtype, fused) -> None:
+        self.group, self.params, self.states, self.kappas = group, params, states, kappas
+        self.where, self.device, self.dtype, self.fused = where, device, dtype, fused
+        self.keys = [id(p) for p in params]
+
+    def step(self, state, grads, okf, sanitize, views, zsink, inputs) -> None:
+        """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3) on this
+        bucket (:func:`_base_group_step`)."""
+        if len(self.where) == 1 and self.where[0][1] is None:
+            gs = grads[self.where[0][0]]
+        else:
+            gs = [grads[gi][i] for gi, idx in self.where for i in idx]
+        _base_group_step(
+            state, self.group, self.params, gs, okf, sanitize, self.fused, None, self.kappas, views, zsink, inputs, self
+        )
+
+
+def _buckets(plan: _Plan, keys: tuple, fused_on: Callable[[dict[str, Any]], bool]) -> list[_Bucket]:
+    """The base step's buckets for one merge decision (`keys`, one per active group): the active groups with equal
+    keys merged (the decay / no-decay split of every Trainer run becomes one list, the weight decay per tensor),
+    then split by (device, dtype), in order of first appearance."""
+    merged: dict[tuple, list[int]] = {}
+    for n, key in enumerate(keys):
+        merged.setdefault(key, []).append(n)
+    out = []
+    for members in merged.values():
+        group = plan.active[members[0]][1]
+        split: dict[tuple, list[tuple[int, int]]] = {}  # (device, dtype) -> (active index, position) pairs
+        for n in members:
+            gi, _, plist = plan.active[n]
+            for i, p in enumerate(plist):
+                split.setdefault((p.device, p.dtype), []).append((n, i))
+        for (device, dtype), pos in split.items():
+            params = [plan.active[n][2][i] for n, i in pos]
+            states = [plan.states[plan.active[n][0]][i] for n, i in pos]
+            kappas = [plan.active[n][1]["weight_decay"] for n, _ in pos]
+            where: list[tuple[int, list[int] | None]] = []
+            for n in members:
+                gi, plist = plan.active[n][0], plan.active[n][2]
+                idx = [i for m, i in pos if m == n]
+                if idx:
+                    where.append((gi, None if len(idx) == len(plist) and len(split) == 1 else idx))
+            if len(where) > 1 or where[0][1] is not None:  # a general pick: no whole-list shortcut
+                where = [(gi, list(range(len(plan.states[gi]))) if idx is None else idx) for gi, idx in where]
+            out.append(_Bucket(group, params, states, kappas, where, device, dtype, fused_on(group)))
+    return out
+
+
 # ---------------------------------------------------------------------- the math
 def _finite_guard(red: Tensor, skip: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """(ok, okf, red): the on-device finite flag of the step (None without the guard), as a 0/1 float, and the
@@ -862,12 +1048,11 @@ def _finite_guard(red: Tensor, skip: bool) -> tuple[Tensor | None, Tensor, Tenso
     return ok, ok.to(red.dtype), torch.where(ok, red, torch.zeros((), dtype=red.dtype, device=red.device))
 
 
-def _count_skipped(
-    state: dict[Tensor, dict[str, Tensor]], params: list[Tensor], ok: Tensor | None, okf: Tensor
-) -> None:
-    """``nonfinite_steps += 1`` for every param of a skipped step (0 added otherwise; nothing without the guard)."""
+def _count_skipped(states: list[dict[str, Tensor]], ok: Tensor | None, okf: Tensor) -> None:
+    """``nonfinite_steps += 1`` in the state of every param of a skipped step (0 added otherwise; nothing without the
+    guard)."""
     if ok is not None:
-        add0_([state[p]["nonfinite_steps"] for p in params], 1.0 - okf.to(torch.float32))
+        add0_([st["nonfinite_steps"] for st in states], 1.0 - okf.to(torch.float32))
 
 
 # Group hyper-parameters the base step (and, for element granularity, the in-place meta step) reads, but the
@@ -889,46 +1074,6 @@ _STEP_KEYS = (
 )
 
 
-def _merge_groups(
-    active, grads, fused_of: Callable[[dict[str, Any]], bool]
-) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[float]]]:
-    """(group, params, grads, weight decays) with every active group whose step hyper-parameters are equal merged
-    into one: per-layer groups then cost one set of foreach calls (or compiled chunk calls), not one per group.
-    Groups that differ in weight decay alone merge too (the decay / no-decay split every Trainer run has): the
-    weight decay goes per tensor (the foreach decay terms per distinct value, the compiled kernel's rows per
-    tensor). The math is per tensor, so merging changes no number."""
-    merged: dict[tuple, tuple[dict[str, Any], list[Tensor], list[Tensor], list[float]]] = {}
-    for gi, group, plist in active:
-        key = (
-            fused_of(group),
-            *(("tensor", id(v)) if isinstance(v := group.get(k), Tensor) else v for k in _STEP_KEYS),
-        )
-        if key not in merged:
-            merged[key] = (group, [], [], [])
-        merged[key][1].extend(plist)
-        merged[key][2].extend(grads[gi])
-        merged[key][3].extend([group["weight_decay"]] * len(plist))
-    return list(merged.values())
-
-
-def _merge_meta(
-    items: list[tuple[dict[str, Any], list[Tensor], Tensor]],
-) -> list[tuple[dict[str, Any], list[Tensor], Tensor]]:
-    """The 0-d meta steps of groups with the same meta settings (:data:`~hf_metaoptimize.spec.BLOCK_KEYS`) as one
-    call: each member's update reads only its own state, its z and those settings, so merging changes no number."""
-    merged: dict[tuple, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
-    for group, members, z in items:
-        key = tuple(group[k] for k in BLOCK_KEYS)
-        if key not in merged:
-            merged[key] = (group, [], [])
-        merged[key][1].extend(members)
-        merged[key][2].append(z if z.dim() else z.expand(len(members)))
-    out = []
-    for group, members, zs in merged.values():
-        out.append((group, members, zs[0] if len(zs) == 1 else torch.cat(zs)))
-    return out
-
-
 def _base_group_step(
     state: dict[Tensor, dict[str, Tensor]],
     group: dict[str, Any],
@@ -941,6 +1086,8 @@ def _base_group_step(
     kappas: list[float] | None = None,
     views: dict[Any, Any] | None = None,
     zsink: list[tuple[list[Tensor], Tensor]] | None = None,
+    inputs: dict[int, list[Tensor]] | None = None,
+    bucket: _Bucket | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
@@ -950,17 +1097,26 @@ def _base_group_step(
 
     `zsink` (the per-tensor kernel only): each bucket's params and their meta-gradients ``<h_p, g_p>`` from the OLD
     traces, computed by the kernel while it reads them (Algorithm 3 step 1, done here instead of before the step).
+    `inputs`: the kernel's inputs made by the meta-gradient pass of this step (the per-tensor kernel only).
+    `bucket`: the step's layout of these params (:class:`_Bucket`: one device and dtype, their states), else
+    derived here.
     """
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype), []).append(i)
-    for (device, dtype), idx in buckets.items():
-        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-        decay = None if kappas is None else [kappas[i] for i in idx]
+    if bucket is not None:
+        runs = [(bucket.device, bucket.dtype, params, grads, kappas, bucket.states, bucket.keys)]
+    else:
+        split: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            split.setdefault((p.device, p.dtype), []).append(i)
+        runs = []
+        for (device, dtype), idx in split.items():
+            decay = None if kappas is None else [kappas[i] for i in idx]
+            runs.append((device, dtype, [params[i] for i in idx], [grads[i] for i in idx], decay, None, None))
+    for device, dtype, ps, gs, decay, sts, keys in runs:
         if fused:  # the per-tensor kernel: compiled, or eagerly for foreach=False
             from ._fused import bucket_step
 
-            z = bucket_step(state, group, ps, gs, okf.to(device), dtype, sanitize, views, decay, zsink is not None)
+            dots, okd = zsink is not None, okf.to(device)
+            z = bucket_step(state, group, ps, gs, okd, dtype, sanitize, views, decay, dots, inputs, sts, keys)
             if zsink is not None:
                 zsink.append((ps, z))
             continue

@@ -255,9 +255,11 @@ def add0_(ts: list[Tensor], value: Tensor) -> None:
 
 
 def meta_grad(h: Tensor, g: Tensor) -> Tensor:
-    """Algorithm 3 step 1 for one tensor: ``z_p = <h_p, g_p>`` from the OLD trace (0-d, in the trace's dtype; the
-    grads are already in it, ``MetaOptimize._grads``), rank-local. The compiled kernel computes it in its own
-    code (``_fused._Chunk``)."""
+    """Algorithm 3 step 1 for one tensor: ``z_p = <h_p, g_p>`` from the OLD trace (0-d, in the trace's dtype; a
+    low-precision grad is widened), rank-local. The compiled path computes it in its own code (``_fused._Dots``, or
+    ``_fused._Chunk`` without the guard)."""
+    if g.dtype != h.dtype:
+        g = g.to(h.dtype)
     if h.dim() == 1:  # the common 1-D tensors (biases, norms) without the two reshapes (~1 us per tensor)
         return torch.dot(h, g)
     return torch.dot(h.reshape(-1), g.reshape(-1))
@@ -534,10 +536,17 @@ def meta_update(
 
 
 def meta_step_shared(
-    state: dict[Tensor, dict[str, Tensor]], group: dict[str, Any], members: list[Tensor], z: Tensor, okf: Tensor
+    state: dict[Tensor, dict[str, Tensor]],
+    group: dict[str, Any],
+    members: list[Tensor],
+    z: Tensor,
+    okf: Tensor,
+    sts: list[dict[str, Tensor]] | None = None,
 ) -> None:
-    """Meta step for 0-d log step sizes (scalar / block / tensor): stacked, updated, written back."""
-    sts = [state[p] for p in members]
+    """Meta step for 0-d log step sizes (scalar / block / tensor): stacked, updated, written back. `sts`: the members'
+    state dicts where the caller has them (else looked up in `state`)."""
+    if sts is None:
+        sts = [state[p] for p in members]
     adam = group["meta"] == "adam"
     Ls = [s["log_step"] for s in sts]
     MBs = [s["meta_exp_avg"] for s in sts]

@@ -138,6 +138,11 @@ def main() -> int:
                 dist.all_gather(gathered, v.contiguous())
                 if not all(torch.equal(gathered[0], g) for g in gathered):
                     errors.append(f"replicated state {k} differs across ranks")
+    # the compiled step keeps one entry of flat views per param, also when its params are DTensors whose local shard
+    # is a new tensor at every step (keyed by the shard, the cache grew by one entry per param and step)
+    views = [k for k in opt._views if isinstance(k, int)]
+    if FUSED and len(views) > len(list(model.parameters())):
+        errors.append(f"the compiled step keeps {len(views)} view entries for {len(list(model.parameters()))} params")
     # the trace is sharded like the parameter under FSDP2 (one extra buffer split across ranks)
     if args.backend == "fsdp2":
         for p in model.parameters():

@@ -118,6 +118,37 @@ def test_without_the_guard_the_kernel_computes_the_meta_gradients(fused, monkeyp
             torch.testing.assert_close(v, runs["foreach"][1].state[q][k], rtol=1e-12, atol=1e-14, msg=k)
 
 
+GUARD_PASS = (
+    "adamw-lion-tensor",
+    "rmsprop-nonfinite-tensor",
+    "adamw-lion-grad-none-element",
+    "lion-adam-grad-none-block",
+)
+
+
+@pytest.mark.parametrize("name", GUARD_PASS)
+def test_guard_pass_as_a_compiled_program_matches_reference(name, monkeypatch):
+    """The guard's meta-gradient pass as the compiled dots program (the default on CUDA: ``_fused.DOTS_PROGRAM_ON``),
+    run here on CPU: held to the float64 reference like the kernel (a non-finite step, params without a grad, tensors
+    of one weight among them), and no dot product runs outside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hf_metaoptimize import _fused
+
+    monkeypatch.setattr(_fused, "DOTS_PROGRAM_ON", ("cpu",))
+    case = next(c for c in CASES if c.name == name)
+    pair = run_pair(case, steps=30, dtype=torch.float64, fast_cls=FUSED)
+    assert_params_close(pair, rtol=1e-9, atol=1e-12)
+    assert_state_close(pair, rtol=1e-9, atol=1e-12)
+    assert any(k[0] == "dots" for k in _fused._RUNNERS)
+    model = _model(torch.float64)
+    opt = MetaOptimize(model.parameters(), lr=1e-2, granularity="tensor", fused=True)
+    _train(model, opt, 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _train(model, opt, 1, seed=3)
+    assert not [e for e in prof.key_averages() if e.key == "aten::dot"]
+
+
 def _model(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
@@ -197,11 +228,14 @@ def test_fused_resume_is_bit_identical(granularity):
             assert torch.equal(v, opt2.state[b][k]), k
 
 
-def test_fused_bf16_params_keep_float32_state():
+@pytest.mark.parametrize("granularity", ["element", "scalar"])
+def test_fused_bf16_params_keep_float32_state(granularity):
+    """bf16 params: the kernel (and the guard's dot products) read the bf16 grads as they are, widened as read; the
+    foreach path computes on float32 copies. Same numbers, float32 state."""
     model = _model(torch.bfloat16)
     ref = _model(torch.bfloat16)
-    opt = MetaOptimize(model.parameters(), lr=1e-2, granularity="element", meta_lr=1e-2, fused=True)
-    ref_opt = MetaOptimize(ref.parameters(), lr=1e-2, granularity="element", meta_lr=1e-2)
+    opt = MetaOptimize(model.parameters(), lr=1e-2, granularity=granularity, meta_lr=1e-2, fused=True)
+    ref_opt = MetaOptimize(ref.parameters(), lr=1e-2, granularity=granularity, meta_lr=1e-2)
     _train(model, opt, 10)
     _train(ref, ref_opt, 10)
     for p, q in zip(model.parameters(), ref.parameters()):
@@ -327,8 +361,9 @@ def test_default_picks_the_compiled_step_for_large_models_and_says_why_not_other
 
 
 def test_default_prepares_the_kernel_the_step_runs_for_low_precision_params(monkeypatch):
-    """bf16 params: the step hands the kernel float32 copies of the grads (the trace's dtype); the automatic choice
-    must load or compile that package, not one for bf16 grads that no step runs (a second first-step compile)."""
+    """bf16 params: the step hands the kernel the bf16 grads as they are (it widens them as it reads them: no float32
+    copy); the automatic choice must load or compile that package, not another that no step runs (a second
+    first-step compile). On CPU the guard's meta-gradient pass is BLAS dots: no package of its own."""
     from hf_metaoptimize import _fused, optimizer
 
     monkeypatch.setattr(optimizer, "AUTO_FUSED_MIN_WEIGHTS", 10)
@@ -338,7 +373,7 @@ def test_default_prepares_the_kernel_the_step_runs_for_low_precision_params(monk
     _train(model, opt, 2)
     assert opt._auto_fused is True
     assert [k[1] for k in _fused._RUNNERS] == [
-        ("torch.bfloat16", "torch.float32", "torch.float32", "torch.bfloat16", "torch.bfloat16")
+        ("torch.bfloat16", "torch.bfloat16", "torch.float32", "torch.bfloat16", "torch.bfloat16")
     ]
 
 

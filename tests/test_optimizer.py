@@ -451,3 +451,59 @@ def test_zero_d_state_is_packed_and_checkpoints_hold_plain_copies(gran):
     assert all(packed([opt2.state[p][k] for p in clone]) for k in keys)
     loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     assert all(v._base is None for st in loaded["state"].values() for v in st.values() if v.dim() == 0)
+
+
+def _edits():
+    """What a user may do to an optimizer between steps; each is followed by the next step."""
+
+    def clear(opt, params):
+        opt.state.clear()
+
+    def new_dict(opt, params):
+        opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
+
+    def zero_d_entry(opt, params):
+        for p in params:  # every member of the scalar step size, so they stay one block
+            opt.state[p]["log_step"] = opt.state[p]["log_step"] + 0.5
+
+    def meta_lr(opt, params):
+        opt.param_groups[1]["meta_lr"] = 0.05
+
+    def one_groups_lr(opt, params):  # the two groups no longer step as one merged bucket
+        opt.param_groups[0]["lr"] = 3e-3
+
+    def grads_come_and_go(opt, params):
+        params[2].grad = None
+
+    return [clear, new_dict, zero_d_entry, meta_lr, one_groups_lr, grads_come_and_go]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "compiled"])
+def test_the_step_layout_kept_between_steps_follows_every_edit(edit, fused):
+    """A step reuses the layout the previous step derived (which params step, their state dicts, buckets, meta-step
+    members: ``MetaOptimize._layout``). Whatever a user changes between steps must be what the next step uses: the
+    run equals one whose layout is derived anew at every step, bit for bit."""
+    if fused:
+        pytest.importorskip("torch._inductor")
+    runs = []
+    for fresh in (False, True):
+        params = make_params()
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+        gran = "tensor" if edit.__name__ == "meta_lr" else "scalar"
+        opt = MetaOptimize(groups, lr=1e-2, granularity=gran, meta_lr=1e-2, fused=fused or None)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(6):
+            feed(params, gen)
+            if t == 3:
+                edit(opt, params)
+            if fresh:
+                opt._plan = None
+            opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+        assert oa.state[p].keys() == ob.state[q].keys()
+        for k, v in oa.state[p].items():
+            assert torch.equal(v, ob.state[q][k]), k

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import reduce_partial_sums
-from ..optimizer import MetaOptimize, _base_group_step, _count_skipped, _finite_guard, _merge_groups
+from ..optimizer import MetaOptimize, _base_group_step, _count_skipped, _finite_guard, _Plan
 from ..rules import meta_step_shared
 from .deepspeed_config import check_config
 
@@ -147,22 +147,24 @@ class ZeroPartitions:
             if k in st:
                 st[k] = st[k].reshape(1).expand(n).clone()
 
-    def step(self, opt: MetaOptimize, active, grads: dict[int, list[Tensor]]) -> None:
-        """Algorithm 3 on the partitions of this call (collective over the data-parallel group)."""
+    def step(self, opt: MetaOptimize, plan: _Plan, grads: dict[int, list[Tensor]]) -> None:
+        """Algorithm 3 on the partitions of this call (collective over the data-parallel group); `plan`: the call's
+        layout (``MetaOptimize._layout``)."""
         if opt._all_groups[0]["granularity"] == "tensor":
-            for gi, group, plist in active:
+            for gi, group, plist in plan.active:
                 for t, g in zip(plist, grads[gi]):
                     self._tensor_step(opt, group, t, g)
             return
-        self._block_step(opt, active, grads)
+        self._block_step(opt, plan, grads)
 
-    def _block_step(self, opt: MetaOptimize, active, grads: dict[int, list[Tensor]]) -> None:
+    def _block_step(self, opt: MetaOptimize, plan: _Plan, grads: dict[int, list[Tensor]]) -> None:
         """Scalar / block / element granularity. The finiteness flag is agreed over the data-parallel group at
         every call. Scalar / block: each partition records its meta-gradient contribution; the call that steps
         the LAST partition of a block sums the contributions of all of them (all ranks, one all-reduce) and
         applies the block's meta update to every member, so that the next base step of every member uses
         beta_{t+1}, exactly as in Algorithm 3."""
-        zvec, zelem = opt._local_meta_grads(active, grads, sums=True)
+        active = plan.active
+        zvec, zelem = opt._local_meta_grads(active, grads, sums=True, states=plan.states)
         gran = opt._all_groups[0]["granularity"]
         ones = torch.ones(1, dtype=zvec.dtype, device=zvec.device)
         flag = reduce_partial_sums(zvec.sum().reshape(1), ones, [self.group])
@@ -175,8 +177,8 @@ class ZeroPartitions:
                 if "meta_grad" not in st:
                     st["meta_grad"] = torch.zeros((), dtype=st["trace"].dtype, device=p.device)
                 st["meta_grad"].copy_(z)
-        for group, plist, glist, kappas in _merge_groups(active, grads, opt._fused_on):
-            _base_group_step(opt.state, group, plist, glist, okf, ok is not None, opt._fused_on(group), kappas=kappas)
+        for bucket in plan.base_buckets(opt._fused_on):
+            bucket.step(opt.state, grads, okf, ok is not None, None, None, None)
         if gran == "element":
             opt._element_meta_steps(active, zelem, ok, okf)
         else:
@@ -202,7 +204,7 @@ class ZeroPartitions:
                             by_group.setdefault(gi, []).append(t)
                     for gi, ml in by_group.items():
                         meta_step_shared(opt.state, opt._all_groups[gi], ml, zb, okf)
-        _count_skipped(opt.state, plist_all, ok, okf)
+        _count_skipped(plan.flat_states, ok, okf)
 
     def _tensor_step(self, opt: MetaOptimize, group: dict[str, Any], t: Tensor, g: Tensor) -> None:
         """granularity="tensor" on one partition: each tensor piece is stepped as a tensor of its own (views into
@@ -231,7 +233,7 @@ class ZeroPartitions:
         if views:
             _base_group_step(pseudo, group, views, gviews, okf, ok is not None, opt._fused_on(group), own=False)
             meta_step_shared(pseudo, group, views, z, okf)
-        _count_skipped(opt.state, [t], ok, okf)
+        _count_skipped([opt.state[t]], ok, okf)
 
 
 def refuse_unattached(opt: MetaOptimize) -> None:
