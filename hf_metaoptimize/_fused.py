@@ -100,28 +100,12 @@ def _step_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "dots"}
 
 
-class _Dots(torch.nn.Module):
-    """Algorithm 3 step 1 for CHUNK tensors per call, the pass before the step kernel when the non-finite guard needs
-    every meta-gradient before any weight moves: ``forward(h_0, g_0, h_1, g_1, ...)`` returns ``(z,)`` with
-    ``z_i = <h_i, g_i>`` in the trace's dtype (a low-precision grad is widened as it is read: no float32 copy)."""
-
-    def forward(self, *flat: Tensor) -> tuple[Tensor]:
-        return (torch.stack([torch.dot(h, g.to(h.dtype)) for h, g in zip(flat[0::2], flat[1::2])]),)
-
-
 #: The tensor sizes the kernel is traced with. Inductor sizes its loops' parallelism by these hints: with tiny
 #: examples it emits a serial kernel whatever the thread count; at this size it parallelises over the threads.
 EXAMPLE_SIZE = 1 << 16
 
 _RUNNERS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
-
-#: Device types whose meta-gradient pass (the guard's, before the kernel) is the compiled :class:`_Dots` program, one
-#: call per CHUNK tensors; elsewhere it is one ``torch.dot`` per tensor on the kernel's flat views. On CPU the BLAS
-#: dot is the faster of the two (measured, 1 thread: 16 dots of 16k weights 51-60 us against 87-97 us for a call of
-#: the program, whose Inductor reduction keeps one accumulator; about equal at 256 and at 10M weights); on a GPU
-#: a call of the program replaces CHUNK launches from Python by CHUNK launches from C++.
-DOTS_PROGRAM_ON = ("cuda",)
 
 
 def clear_cache(disk: bool = False) -> None:
@@ -159,7 +143,7 @@ def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    parts = (tensor_step, lerp, _Chunk, _Dots, _compile)
+    parts = (tensor_step, lerp, _Chunk, _compile)
     text = "".join(map(inspect.getsource, parts)) + repr(ROW) + str(CHUNK) + str(EXAMPLE_SIZE)
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -249,25 +233,13 @@ def _layout(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor])
     return slots, key, build
 
 
-def _dots_layout(h: Tensor, g: Tensor):
-    """The key and builder of the dots program (:class:`_Dots`) for traces like `h` and grads like `g`."""
-    key = ("dots", str(h.dtype), str(g.dtype), h.device.type, CHUNK, _machine(h.device))
-
-    def build():
-        return _Dots(), [h.dtype, g.dtype], None, h.device
-
-    return key, build
-
-
-def prepare(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor], dots: bool = False) -> None:
+def prepare(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> None:
     """Load (or compile) the kernel that :func:`fused_step` will use for tensors like `p` (RuntimeError if the
-    compiler fails), and with `dots` the program of :func:`chunk_dots`, without touching any tensor."""
+    compiler fails), without touching any tensor."""
     p, g = local_tensor(p), local_tensor(g)
     st = {k: local_tensor(v) for k, v in st.items()}
     _, key, build = _layout(config, p, g, st)
     _runner(key, build)
-    if dots and p.device.type in DOTS_PROGRAM_ON:
-        _runner(*_dots_layout(st["trace"], g))
 
 
 _INDEX: dict[tuple, Tensor] = {}
@@ -315,28 +287,17 @@ def _gather(
     slots: tuple[str, ...],
     views: dict[Any, Any] | None,
     keys: Sequence[int] | None,
-    inputs: dict[int, list[Tensor]] | None,
     copies: list[tuple[Tensor, Tensor]],
-    keep: bool = False,
 ) -> tuple[list[list[Tensor]], list[int]]:
     """Each compiled tensor's kernel inputs ``[p, g, *slots]`` (:func:`_kernel_inputs`) and the positions of the
-    tensors of one weight (run uncompiled). `inputs`: this step's inputs already made, by param key: taken from it
-    (the meta-gradient pass made them), or, with `keep`, put into it for the kernel that follows (those without a
-    contiguous copy to write back: they are made again there)."""
+    tensors of one weight (run uncompiled)."""
     items: list[list[Tensor]] = []
     tiny: list[int] = []
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
         if p.numel() < 2:  # the kernel's sizes are >= 2 (size 1 would be specialised): run it uncompiled
             tiny.append(i)
             continue
-        key = id(p) if keys is None else keys[i]
-        item = None if inputs is None or keep else inputs.pop(key, None)
-        if item is None:
-            n = len(copies)
-            item = _kernel_inputs(p, g, st, slots, copies, views, key)
-            if keep and inputs is not None and len(copies) == n:
-                inputs[key] = item
-        items.append(item)
+        items.append(_kernel_inputs(p, g, st, slots, copies, views, id(p) if keys is None else keys[i]))
     return items, tiny
 
 
@@ -345,39 +306,6 @@ def _run(fn, flat: list[Tensor]):
     (the callable wrapper would re-derive it with pytree on every call: a fifth of the dispatch cost)."""
     boxed = getattr(getattr(fn, "loader", None), "boxed_run", None)
     return boxed(flat) if boxed is not None else fn(*flat)
-
-
-def chunk_dots(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    states: Sequence[dict[str, Tensor]],
-    slots: tuple[str, ...],
-    views: dict[Any, Any] | None = None,
-    keys: Sequence[int] | None = None,
-    inputs: dict[int, list[Tensor]] | None = None,
-) -> Tensor:
-    """Algorithm 3 step 1 for a bucket of rank-local tensors (one device, one trace dtype, one grad dtype):
-    ``z_p = <h_p, g_p>`` from the OLD traces, in the order of `params`, CHUNK tensors per call of the compiled
-    :class:`_Dots` program (one call per CHUNK tensors instead of one ``torch.dot`` each: on a GPU, one launch
-    instead of CHUNK); tensors of one weight uncompiled. `slots`: the step kernel's, whose inputs are made here and
-    kept in `inputs` for it (:func:`fused_step`); `keys`: each param's key in `views` and `inputs` (default
-    ``id(p)``; the caller passes the ids of the params it owns when it hands in local shards)."""
-    items, tiny = _gather(params, grads, states, slots, views, keys, inputs, [], keep=True)
-    z = None
-    if items and items[0][0].device.type not in DOTS_PROGRAM_ON:  # one dot per flat (h, g) pair: BLAS on CPU
-        z = torch.stack([meta_grad(item[2], item[1]) for item in items])
-    elif items:
-        h0, g0 = items[0][2], items[0][1]  # slots[0] is the trace
-        key, build = _dots_layout(h0, g0)
-        fn = _runner(key, build)
-        pad = (-len(items)) % CHUNK
-        pairs = [(item[2], item[1]) for item in items]
-        if pad:
-            pairs += [tuple(_padding(key, [h0.dtype, g0.dtype], h0.device))] * pad
-        zparts = [_run(fn, [t for pair in pairs[c : c + CHUNK] for t in pair])[0] for c in range(0, len(pairs), CHUNK)]
-        z = (zparts[0] if len(zparts) == 1 else torch.cat(zparts))[: len(items)]
-    tiny_z = [meta_grad(states[i]["trace"], grads[i]) for i in tiny]
-    return _in_order(z, tiny_z, tiny, len(params))
 
 
 def fused_step(
@@ -389,15 +317,14 @@ def fused_step(
     eager: bool = False,
     views: dict[Any, Any] | None = None,
     keys: Sequence[int] | None = None,
-    inputs: dict[int, list[Tensor]] | None = None,
 ) -> Tensor | None:
     """Run the kernel of `config` (base, meta, element, sanitize, dots) on rank-local params, grads and state, in
     place; ``rows[i]`` is tensor i's row (:data:`ROW`). `eager`: the same function uncompiled, one tensor at a
     time (``foreach=False``: the per-tensor ground truth of the fast paths, no compiler needed). `views`: the
     caller's cache of each param's flat views (:func:`_kernel_inputs`; kept by the optimizer, not here, so that
-    it never outlives the tensors it points into), `keys` the params' keys in it (default ``id(p)``), `inputs`
-    this step's kernel inputs made by :func:`chunk_dots` (taken from it). The grads may be of lower precision
-    than the trace (the kernel widens them as it reads). With ``config["dots"]``, returns the meta-gradients
+    it never outlives the tensors it points into), `keys` the params' keys in it (default ``id(p)``). The grads
+    may be of lower precision than the trace (the kernel widens them as it reads). With ``config["dots"]``, returns
+    the meta-gradients
     ``z_i = <h_i, g_i>`` of the OLD traces (one per tensor, in the trace's dtype; rank-local partial sums of
     shards), computed inside the kernel while it reads h and g anyway; else None."""
     dots = config.get("dots", False)
@@ -410,7 +337,7 @@ def fused_step(
         return torch.stack(zs) if dots else None
     slots, key, build = _layout(config, params[0], grads[0], states[0])
     copies: list[tuple[Tensor, Tensor]] = []
-    items, tiny = _gather(params, grads, states, slots, views, keys, inputs, copies)
+    items, tiny = _gather(params, grads, states, slots, views, keys, copies)
     zparts: list[Tensor] = []
     n_items = len(items)
     if items:
@@ -570,7 +497,6 @@ def bucket_step(
     views: dict[Any, Any] | None = None,
     kappas: list[float] | None = None,
     dots: bool = False,
-    inputs: dict[int, list[Tensor]] | None = None,
     sts: list[dict[str, Tensor]] | None = None,
     keys: list[int] | None = None,
 ) -> Tensor | None:
@@ -578,9 +504,8 @@ def bucket_step(
     chunk kernel (``hf_metaoptimize/_fused.py``) that does the base step, the trace and, for element granularity,
     the meta step, CHUNK tensors per call. `views`: the optimizer's cache of flat views (:func:`fused_step`).
     `kappas`: each tensor's weight decay (default: the group's; groups that differ in it alone step as one).
-    `dots`: also compute and return each tensor's meta-gradient ``<h, g>`` (:func:`fused_step`). `inputs`: this
-    step's kernel inputs, made by :func:`group_dots`. `sts` / `keys`: the params' state dicts and view-cache keys
-    where the caller has them (default: looked up / their ids)."""
+    `dots`: also compute and return each tensor's meta-gradient ``<h, g>`` (:func:`fused_step`). `sts` / `keys`: the
+    params' state dicts and view-cache keys where the caller has them (default: looked up / their ids)."""
     base, betas, lr = group["base"], group["betas"], group["lr"]
     element = group["granularity"] == "element"
     wide = wide_dtype(dtype)
@@ -616,70 +541,17 @@ def bucket_step(
         sts = [{k: local_tensor(v) for k, v in st.items()} for st in sts]
     config = config_of(group, sanitize, dots)
     eager = group["foreach"] is False
-    return fused_step(config, params, grads, sts, rows, eager, views, keys, inputs)
-
-
-def group_dots(
-    state: dict[Tensor, dict[str, Tensor]],
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    views: dict[Any, Any] | None = None,
-    inputs: dict[int, list[Tensor]] | None = None,
-    sts: list[dict[str, Tensor]] | None = None,
-) -> Tensor:
-    """Algorithm 3 step 1 for a param group on the compiled path: ``z_p = <h_p, g_p>`` (rank-local partial sums of
-    shards) in the order of `params`, by the compiled dots program (:func:`chunk_dots`), one call per CHUNK tensors
-    of one (device, trace dtype, grad dtype); the kernel inputs it makes are kept in `inputs` for the step kernel.
-    With ``foreach=False`` (the per-tensor function run uncompiled) one ``torch.dot`` per tensor. `sts`: the params'
-    state dicts where the caller has them."""
-    if sts is None:
-        sts = [state[p] for p in params]
-    if group["foreach"] is False:
-        return torch.stack([meta_grad(local_tensor(st["trace"]), local_tensor(g)) for st, g in zip(sts, grads)])
-    keys = [id(p) for p in params]
-    if any_dtensor(params):
-        params, grads = [local_tensor(p) for p in params], [local_tensor(g) for g in grads]
-        sts = [{k: local_tensor(v) for k, v in st.items()} for st in sts]
-    slots = kernel_slots(group["base"], group["granularity"] == "element", group["meta"])
-    buckets: dict[tuple, list[int]] = {}
-    for i, (g, st) in enumerate(zip(grads, sts)):
-        h = st["trace"]
-        buckets.setdefault((h.device, h.dtype, g.dtype), []).append(i)
-    if len(buckets) == 1:
-        return chunk_dots(params, grads, sts, slots, views, keys, inputs)
-    parts = []
-    for idx in buckets.values():
-        ps, gs, ss, ks = ([xs[i] for i in idx] for xs in (params, grads, sts, keys))
-        z = chunk_dots(ps, gs, ss, slots, views, ks, inputs)
-        parts.append((idx, z))
-    wide = torch.float64 if any(z.dtype == torch.float64 for _, z in parts) else parts[0][1].dtype
-    home = parts[0][1].device
-    out = torch.empty(len(params), dtype=wide, device=home)
-    for idx, z in parts:
-        out.index_copy_(0, _positions(tuple(idx), home), z.to(device=home, dtype=wide))
-    return out
-
-
-def _positions(idx: tuple[int, ...], device: torch.device) -> Tensor:
-    """`idx` as an index tensor on `device`, built once per layout (no host-to-device copy per step)."""
-    key = ("positions", idx, device)
-    hit = _INDEX.get(key)
-    if hit is None:
-        if len(_INDEX) > 64:
-            _INDEX.clear()
-        hit = _INDEX[key] = torch.tensor(idx, device=device)
-    return hit
+    return fused_step(config, params, grads, sts, rows, eager, views, keys)
 
 
 def config_of(group: dict[str, Any], sanitize: bool, dots: bool = False) -> dict[str, Any]:
     """The static configuration of the compiled kernel (everything else is a number in its rows). `dots`: the
-    kernel also returns each tensor's meta-gradient ``<h, g>`` (shared granularities without the guard, where
-    nothing needs it before the update: :meth:`MetaOptimize.step`)."""
+    kernel also returns each tensor's meta-gradient ``<h, g>`` (shared granularities, where nothing needs it
+    before the update: :meth:`MetaOptimize.step`)."""
     element = group["granularity"] == "element"
     config = dict(base=group["base"], meta=group["meta"] if element else "-", element=element, sanitize=sanitize)
     if dots:
-        if element or sanitize:
-            raise ValueError("the kernel's meta-gradients are for shared step sizes without the guard")
+        if element:
+            raise ValueError("the kernel's meta-gradients are for shared step sizes (element reads h * g per weight)")
         config["dots"] = True
     return config

@@ -35,6 +35,7 @@ from .rules import (
     cooldown_scale,
     foreach_base_step,
     foreach_meta_step_element,
+    grad_norms,
     meta_grad,
     meta_step_shared,
     packed,
@@ -146,15 +147,15 @@ class MetaOptimize(Optimizer):
         meta_eps (float, default 1e-8): denominator term of the adam meta rule.
         log_step_bounds (tuple, default (-14.0, 14.0)): ``log_step`` is clamped into this interval after
             every meta update, i.e. the learned multiplier stays within about [8e-7, 1.2e6] of ``lr``.
-        skip_nonfinite (bool, default True): a step whose gradients (or meta-gradients) contain inf/NaN
-            is skipped: no parameter and no state tensor changes, and each participating parameter's
-            ``state["nonfinite_steps"]`` is incremented (:meth:`skipped_steps` counts them). Done without a host
-            sync: every update coefficient is multiplied by an on-device 0/1 flag and the math reads a zeroed
-            copy of the gradients (``p.grad`` is never written); for AdamW that copy doubles as the step's
-            workspace, so the cost is two elementwise passes over the gradients; the meta-gradients must then be
-            known before any weight moves, a pass of their own over h and g. ``False`` lets inf/NaN through
-            into params and state, and the compiled step (``fused``) computes the meta-gradients of scalar /
-            block / tensor granularity inside its kernel (measured here: ~15% off the step at 10M weights).
+        skip_nonfinite (bool, default True): a step whose gradients contain inf/NaN (judged by their norms, as
+            ``torch.nn.utils.clip_grad_norm_`` does: a squared norm beyond the grads' dtype counts too) is
+            skipped: no parameter and no state tensor changes, and each participating parameter's
+            ``state["nonfinite_steps"]`` is incremented (:meth:`skipped_steps` counts them). A meta-gradient that
+            is not finite although the gradients are (a trace beyond the float range) leaves its step size where
+            it is for that step. Done without a host sync: every update coefficient is multiplied by an on-device
+            0/1 flag and the math reads a zeroed copy of the gradients (``p.grad`` is never written). Cost: one
+            read of every gradient (``torch._foreach_norm``: one op for all tensors) before the update.
+            ``False`` lets inf/NaN through into params and state, as torch's optimizers do.
         foreach (bool, optional): ``True``: the multi-tensor (``torch._foreach_*``) path; ``False``: the
             per-tensor kernel of ``fused`` run uncompiled, one tensor at a time (slow; no compiler needed).
             Default None: chosen with ``fused`` (below).
@@ -542,29 +543,28 @@ class MetaOptimize(Optimizer):
             return loss
         skip = self._all_groups[0]["skip_nonfinite"]
         element = self._all_groups[0]["granularity"] == "element"
-        sums = skip or not element  # else the meta step reads h * g alone
-        # Without the guard nothing needs z before the update: the per-tensor kernel computes it while it reads h
-        # and g for the update (two reads of every weight saved), and it is completed after the base step.
+        # Design step 3, the guard: from the grads alone (their norms: one read, no meta-gradient needed before the
+        # update); FSDP2: one all-reduce agrees on it, together with the meta-gradients when they come first.
+        norm = grad_norms([g for gs in grads.values() for g in gs]) if skip else None
+        # Algorithm 3 step 1, z_p = <h_p, g_p> from the OLD trace (rank-local, float32+): the per-tensor kernel
+        # computes it while it reads h and g for the update (shared granularities; element granularity's meta step
+        # reads h * g per weight and needs no sums), completed after the base step; the foreach path before it.
         late = all(self._fused_on(g) and self._kernel_dots(g) for _, g, _ in active)
         zsink: list[tuple[list[Tensor], Tensor]] | None = [] if late else None
-        inputs: dict[int, list[Tensor]] = {}  # the compiled kernel's inputs, made once for both of its passes
-        if late:
-            ok, okf = None, self._unit(active)
-        else:
-            zvec, zelem = self._local_meta_grads(active, grads, sums, inputs, plan.states)
-            if sums:  # one process / DDP: complete already; FSDP2: one all-reduce completes the partial sums
-                zvec = plan.complete(zvec, self._cached_index)
+        zvec, zelem = (None, {}) if late else self._local_meta_grads(active, grads, not element, plan.states)
+        zvec, norm = plan.complete(zvec, norm, self._cached_index)
+        ok, okf = _finite_guard(norm, self._unit(active))
+        if zvec is not None:
             red, keys = self._block_sums(active, zvec, plan)
-            ok, okf, red = _finite_guard(red, skip)
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
         for bucket in plan.base_buckets(self._fused_on):
-            bucket.step(self.state, grads, okf, ok is not None, self._views, zsink, inputs)
+            bucket.step(self.state, grads, okf, ok is not None, self._views, zsink)
         if late:
-            zvec = plan.complete(_assemble(plan.params, zsink, self._cached_index), self._cached_index)
+            zvec, _ = plan.complete(_assemble(plan.params, zsink, self._cached_index), None, self._cached_index)
             red, keys = self._block_sums(active, zvec, plan)
         # Algorithm 3 step 4: the meta step on each block
         if self._all_groups[0]["granularity"] == "element":
-            self._element_meta_steps(active, zelem, ok, okf)
+            self._element_meta_steps(active, zelem, okf)
         else:
             for group, members, sts, z in self._meta_calls(plan, red, keys):
                 meta_step_shared(self.state, group, members, z, okf, sts)
@@ -614,8 +614,8 @@ class MetaOptimize(Optimizer):
         """The automatic choice of the step's implementation, once: the compiled kernel (``fused``) for models of
         at least :data:`AUTO_FUSED_MIN_WEIGHTS` weights where it compiles (or loads from its cache), else the
         foreach path. A failure to compile is said once (a warning) and the foreach path is used; the math is the
-        same either way. The packages prepared are those the step runs: the kernel for the grads as they are
-        (:meth:`_grads`), and the meta-gradient program where the guard needs it before the kernel."""
+        same either way. The package prepared is the one the step runs: the kernel for the grads as they are
+        (``_Plan.grads``)."""
         groups = self._all_groups
         if any(g["fused"] is not None or g["foreach"] is not None for g in groups):
             self._auto_fused = False
@@ -628,11 +628,9 @@ class MetaOptimize(Optimizer):
 
         try:
             for _, group, plist in active:
-                kernel_dots = self._kernel_dots(group)
-                config = _fused.config_of(group, group["skip_nonfinite"], kernel_dots)
-                dots = group["skip_nonfinite"] and not kernel_dots  # the pass before the kernel (the guard)
+                config = _fused.config_of(group, group["skip_nonfinite"], self._kernel_dots(group))
                 for p in plist:
-                    _fused.prepare(config, p, p.grad, self.state[p], dots)  # the programs step() will run
+                    _fused.prepare(config, p, p.grad, self.state[p])  # the kernel step() will run
         except RuntimeError as e:
             warnings.warn(
                 f"MetaOptimize: the compiled step is not available on this machine ({e}); using the foreach path "
@@ -647,9 +645,9 @@ class MetaOptimize(Optimizer):
 
     def _kernel_dots(self, group: dict[str, Any]) -> bool:
         """Whether the per-tensor kernel computes this group's meta-gradients ``z_p`` itself, while it reads h and g
-        for the update: when nothing needs them before it (no guard; shared step sizes: element granularity reads
-        ``h * g`` per weight; not under DeepSpeed ZeRO, whose partitions reduce them first)."""
-        return not group["skip_nonfinite"] and group["granularity"] != "element" and self._partitions is None
+        for the update (nothing needs them before it: the guard reads the grads alone): shared step sizes (element
+        granularity reads ``h * g`` per weight), not under DeepSpeed ZeRO (whose partitions reduce them first)."""
+        return group["granularity"] != "element" and self._partitions is None
 
     def _count_call(self) -> None:
         """Warn once when stepped past ``total_steps`` (the cooldown has brought the step size to 0). A host
@@ -745,16 +743,13 @@ class MetaOptimize(Optimizer):
         active: list[tuple[int, dict[str, Any], list[Tensor]]],
         grads: dict[int, list[Tensor]],
         sums: bool,
-        inputs: dict[int, list[Tensor]] | None = None,
         states: dict[int, list[dict[str, Tensor]]] | None = None,
     ) -> tuple[Tensor, dict[int, list[Tensor]]]:
-        """Algorithm 3 step 1 on rank-local tensors: one 0-d ``<h_p, g_p>`` per param, as one vector in param order;
-        for element granularity (foreach path) also the elementwise ``h * g`` per param, which the meta step
-        consumes. On the compiled path the dot products are a compiled program too (``_fused.group_dots``, one call
-        per 16 tensors), which makes the step kernel's inputs on the way and keeps them in `inputs`. Without `sums`
-        (element granularity and no guard: nothing reads them) the vector is empty, of the dtype and device it would
-        have had, and no dot product is computed (two reads of every weight saved). `states`: each group's state dicts
-        (the step's plan has them; else looked up)."""
+        """Algorithm 3 step 1 on rank-local tensors, before the base step: one 0-d ``<h_p, g_p>`` per param, as one
+        vector in param order; for element granularity (foreach path) also the elementwise ``h * g`` per param,
+        which the meta step consumes. Without `sums` (element granularity: its meta step reads h * g alone) the
+        vector is empty, of the dtype and device it would have had, and no dot product is computed. `states`: each
+        group's state dicts (the step's plan has them; else looked up)."""
         element = self._all_groups[0]["granularity"] == "element"
         zparts: list[Tensor] = []
         zelem: dict[int, list[Tensor]] = {}
@@ -768,10 +763,6 @@ class MetaOptimize(Optimizer):
                 zelem[gi] = ze
                 if sums:
                     zparts.append(torch.stack([z.sum() for z in ze]))
-            elif sums and self._fused_on(group) and self._partitions is None:
-                from ._fused import group_dots
-
-                zparts.append(group_dots(self.state, group, plist, grads[gi], self._views, inputs, sts))
             elif sums:
                 zparts.append(torch.stack([meta_grad(h, _local(g)) for h, g in zip(traces, grads[gi])]))
         if len(kinds) > 1:  # params on several devices / of mixed precision
@@ -873,17 +864,12 @@ class MetaOptimize(Optimizer):
             out.append((group, ml, [self.state[p] for p in ml], pick))
         return out
 
-    def _element_meta_steps(self, active, zelem, ok, okf) -> None:
-        """Per-weight meta step (element granularity); z = h * g are our temporaries, zeroed on a skip."""
+    def _element_meta_steps(self, active, zelem, okf) -> None:
+        """Per-weight meta step (element granularity) on the foreach path; z = h * g are our temporaries."""
         for gi, group, plist in active:
             if self._fused_on(group):
                 continue  # the fused kernel has done it, with the base step
-            ze = zelem[gi]
-            if ok is not None:
-                for z in ze:
-                    torch.nan_to_num_(z, nan=0.0, posinf=0.0, neginf=0.0)
-                torch._foreach_mul_(ze, okf.to(ze[0].dtype))
-            foreach_meta_step_element(self.state, group, plist, ze, okf)
+            foreach_meta_step_element(self.state, group, plist, zelem[gi], okf)
 
 
 def _assemble(
@@ -963,11 +949,23 @@ class _Plan:
             out[gi] = gs
         return out
 
-    def complete(self, zvec: Tensor, index: Callable[[tuple, Any], Tensor]) -> Tensor:
-        """The meta-gradients completed over ranks (:func:`hf_metaoptimize.distributed.complete_meta_grads`), with the
-        shard layout of the params found once."""
+    def complete(
+        self, zvec: Tensor | None, norm: Tensor | None, index: Callable[[tuple, Any], Tensor]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The meta-gradients and / or the guard's grad norms (either may be None) completed over ranks, in ONE
+        all-reduce where params are sharded (FSDP2; :func:`hf_metaoptimize.distributed.complete_meta_grads`), with
+        the shard layout of the params found once. One process and DDP: as they are."""
         layout = self.get("shard", lambda: shard_layout(self.params))
-        return complete_meta_grads(zvec, self.params, index, layout)
+        if layout is None or (zvec is None and norm is None):
+            return zvec, norm
+        if norm is None:
+            return complete_meta_grads(zvec, self.params, index, layout), None
+        mask, groups = layout
+        if zvec is None:  # the guard's flag alone: a sum over ranks is finite iff every rank's is
+            return None, complete_meta_grads(norm.reshape(1), [None], index, ((1,), groups)).reshape(())
+        both = torch.cat([zvec, norm.reshape(1).to(device=zvec.device, dtype=zvec.dtype)])
+        both = complete_meta_grads(both, self.params, index, ((*mask, 1), groups))
+        return both[:-1], both[-1]
 
     def base_buckets(self, fused_on: Callable[[dict[str, Any]], bool]) -> list[_Bucket]:
         """The base step's buckets: active groups whose step hyper-parameters are equal merged (:func:`_merge_key`),
@@ -995,7 +993,7 @@ class _Bucket:
         self.where, self.device, self.dtype, self.fused = where, device, dtype, fused
         self.keys = [id(p) for p in params]
 
-    def step(self, state, grads, okf, sanitize, views, zsink, inputs) -> None:
+    def step(self, state, grads, okf, sanitize, views, zsink) -> None:
         """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3) on this
         bucket (:func:`_base_group_step`)."""
         if len(self.where) == 1 and self.where[0][1] is None:
@@ -1003,7 +1001,7 @@ class _Bucket:
         else:
             gs = [grads[gi][i] for gi, idx in self.where for i in idx]
         _base_group_step(
-            state, self.group, self.params, gs, okf, sanitize, self.fused, None, self.kappas, views, zsink, inputs, self
+            state, self.group, self.params, gs, okf, sanitize, self.fused, None, self.kappas, views, zsink, self
         )
 
 
@@ -1039,13 +1037,14 @@ def _buckets(plan: _Plan, keys: tuple, fused_on: Callable[[dict[str, Any]], bool
 
 
 # ---------------------------------------------------------------------- the math
-def _finite_guard(red: Tensor, skip: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(ok, okf, red): the on-device finite flag of the step (None without the guard), as a 0/1 float, and the
-    block meta-gradients zeroed on a skipped step. Algorithm 3 is then skipped as a whole, without a host sync."""
-    if not skip:
-        return None, torch.ones((), dtype=red.dtype, device=red.device), red
-    ok = torch.isfinite(red.sum())
-    return ok, ok.to(red.dtype), torch.where(ok, red, torch.zeros((), dtype=red.dtype, device=red.device))
+def _finite_guard(norm: Tensor | None, unit: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(ok, okf): the step's on-device finite flag from the grads' norms (:func:`rules.grad_norms`; None without the
+    guard) and the same as a 0/1 float of `unit`'s dtype and device (a skipped step multiplies every coefficient
+    that moves a param or a state tensor by it). Algorithm 3 is then skipped as a whole, without a host sync."""
+    if norm is None:
+        return None, unit
+    ok = torch.isfinite(norm).to(unit.device)
+    return ok, ok.to(unit.dtype)
 
 
 def _count_skipped(states: list[dict[str, Tensor]], ok: Tensor | None, okf: Tensor) -> None:
@@ -1086,7 +1085,6 @@ def _base_group_step(
     kappas: list[float] | None = None,
     views: dict[Any, Any] | None = None,
     zsink: list[tuple[list[Tensor], Tensor]] | None = None,
-    inputs: dict[int, list[Tensor]] | None = None,
     bucket: _Bucket | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
@@ -1097,7 +1095,6 @@ def _base_group_step(
 
     `zsink` (the per-tensor kernel only): each bucket's params and their meta-gradients ``<h_p, g_p>`` from the OLD
     traces, computed by the kernel while it reads them (Algorithm 3 step 1, done here instead of before the step).
-    `inputs`: the kernel's inputs made by the meta-gradient pass of this step (the per-tensor kernel only).
     `bucket`: the step's layout of these params (:class:`_Bucket`: one device and dtype, their states), else
     derived here.
     """
@@ -1116,7 +1113,7 @@ def _base_group_step(
             from ._fused import bucket_step
 
             dots, okd = zsink is not None, okf.to(device)
-            z = bucket_step(state, group, ps, gs, okd, dtype, sanitize, views, decay, dots, inputs, sts, keys)
+            z = bucket_step(state, group, ps, gs, okd, dtype, sanitize, views, decay, dots, sts, keys)
             if zsink is not None:
                 zsink.append((ps, z))
             continue

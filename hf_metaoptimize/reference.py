@@ -274,11 +274,10 @@ class MetaOptimizeReference(torch.optim.Optimizer):
             h = self.state[p]["trace"]
             z[id(p)] = h * g if group["granularity"] == "element" else torch.sum(h * g)
 
-        # Design step 3: non-finite guard; a skipped step only counts itself, nothing else changes.
+        # Design step 3: non-finite guard; a step with an inf / NaN gradient entry only counts itself, nothing else
+        # changes. (A meta-gradient that is not finite although every grad is: design step 6.)
         if self.param_groups[0]["skip_nonfinite"]:
-            finite = all(bool(torch.isfinite(grads[id(p)]).all()) for _, _, p in active) and all(
-                bool(torch.isfinite(z[id(p)]).all()) for _, _, p in active
-            )
+            finite = all(bool(torch.isfinite(grads[id(p)]).all()) for _, _, p in active)
             if not finite:
                 for _, _, p in active:
                     self.state[p]["nonfinite_steps"] += 1
@@ -377,6 +376,16 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         new: dict[str, torch.Tensor] = {"block_step": lead["block_step"] + 1}
         n_c = _cooldown_length(group)
         frozen = n_c > 0 and int(new["block_step"].item()) > int(group["total_steps"]) - n_c
+        # With the guard, a meta-gradient that is not finite although the grads are (a trace or a sum beyond the
+        # float range) moves nothing of the meta state: the block's (element: the weight's) step size stays.
+        keep = None
+        if group["skip_nonfinite"] and not frozen:
+            finite = torch.isfinite(z)
+            if z.dim() == 0:
+                frozen = not bool(finite)
+            elif not bool(finite.all()):
+                keep = ~finite
+                z = torch.where(finite, z, torch.zeros((), dtype=z.dtype))
         if frozen:
             pass  # the cooldown: the learned step size and its meta state stay as they are
         elif group["meta"] == "lion":
@@ -405,6 +414,10 @@ class MetaOptimizeReference(torch.optim.Optimizer):
         # log_step is clamped into log_step_bounds after every meta update.
         if "log_step" in new:
             new["log_step"] = torch.clamp(new["log_step"], min=float(lo), max=float(hi))
+        if keep is not None:  # element: the weights whose meta-gradient is not finite keep their values
+            for name in ("log_step", "meta_exp_avg", "meta_exp_avg_sq"):
+                if name in new:
+                    new[name] = torch.where(keep, lead[name], new[name])
         for p in targets:
             for name, value in new.items():
                 self.state[p][name] = value.clone()

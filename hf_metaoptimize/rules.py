@@ -88,6 +88,9 @@ def tensor_step(
     pw = p.to(wide)
     if element:  # z = h_old * g, alpha per weight
         z = h * gw
+        if sanitize:  # a weight whose meta-gradient is not finite (the grads are) keeps its step size this step
+            finite = torch.isfinite(z)
+            z = torch.where(finite, z, torch.zeros_like(z))
         alpha = r[1] * torch.exp(L)
     else:
         alpha = r[1]
@@ -119,7 +122,7 @@ def tensor_step(
     h.copy_(disc * h + dw)
     p.copy_(pw + dw)
     if element:  # Algorithm 3 step 4 per weight, with z from the OLD trace
-        mok = r[_R["gate"]]
+        mok = r[_R["gate"]] * finite.to(wide) if sanitize else r[_R["gate"]]
         eta, eta_down = r[_R["eta"]], r[_R["eta_down"]]
         if meta == "lion":
             upd = torch.sign(lerp(z, mb, r[_R["mb1"]]))
@@ -256,13 +259,28 @@ def add0_(ts: list[Tensor], value: Tensor) -> None:
 
 def meta_grad(h: Tensor, g: Tensor) -> Tensor:
     """Algorithm 3 step 1 for one tensor: ``z_p = <h_p, g_p>`` from the OLD trace (0-d, in the trace's dtype; a
-    low-precision grad is widened), rank-local. The compiled path computes it in its own code (``_fused._Dots``, or
-    ``_fused._Chunk`` without the guard)."""
+    low-precision grad is widened), rank-local. The compiled kernel computes it in its own code (``_fused._Chunk``)."""
     if g.dtype != h.dtype:
         g = g.to(h.dtype)
     if h.dim() == 1:  # the common 1-D tensors (biases, norms) without the two reshapes (~1 us per tensor)
         return torch.dot(h, g)
     return torch.dot(h.reshape(-1), g.reshape(-1))
+
+
+def grad_norms(grads: list[Tensor]) -> Tensor:
+    """The non-finite guard's input (docs/design.md step 3): the sum of the (rank-local) grads' 2-norms, float32+, on
+    the first grad's device. Not finite iff a gradient entry is inf or NaN (or a squared norm exceeds the grads'
+    dtype: entries beyond ~1.8e19 in float32), as ``torch.nn.utils.clip_grad_norm_`` judges a norm. One read of
+    every grad, one multi-tensor op per (device, dtype) and nothing per tensor from Python (on a GPU: a few launches
+    for all tensors)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        g = _local(g)
+        buckets.setdefault((g.device, g.dtype), []).append(g)
+    home = _local(grads[0]).device
+    wide = torch.float64 if any(dt == torch.float64 for _, dt in buckets) else torch.float32
+    parts = [torch.stack(torch._foreach_norm(gs, 2)).sum().to(device=home, dtype=wide) for gs in buckets.values()]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def advance(counts: list[Tensor], by: Tensor) -> Tensor:
@@ -514,10 +532,16 @@ def meta_update(
     okf: Tensor,
     group: dict[str, Any],
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-    """One meta step on stacked log step sizes (Algorithm 3 step 4); returns the new values."""
+    """One meta step on stacked log step sizes (Algorithm 3 step 4); returns the new values. With the guard, a
+    block whose meta-gradient is not finite (the grads are: a trace or a sum beyond the float range) keeps its step
+    size and meta state for this step (docs/design.md step 6)."""
     lo, hi = group["log_step_bounds"]
     b1, b2 = group["meta_betas"]
     C, gate = meta_gate(group, C, okf)
+    if group["skip_nonfinite"]:
+        finite = torch.isfinite(z)
+        z = torch.where(finite, z, torch.zeros((), dtype=z.dtype, device=z.device))
+        gate = gate * finite.to(gate.dtype)
     ok = gate.to(L.dtype)
     if group["meta"] == "lion":
         upd = torch.sign(torch.lerp(z, MB, b1))  # sign(c_bar * m_bar + (1 - c_bar) * z)
@@ -580,7 +604,9 @@ def foreach_meta_step_element(
 ) -> None:
     """Meta step for per-weight log step sizes (element granularity), in place on foreach lists.
 
-    Same arithmetic as :func:`meta_update`; `z` (= h * g, our temporaries) is consumed as workspace.
+    Same arithmetic as :func:`meta_update`; `z` (= h * g, our temporaries) is consumed as workspace. With the guard,
+    a weight whose meta-gradient is not finite (the grads are; on a skipped step every gate is 0) keeps its step size
+    and meta state for this step: the gates are then per weight.
     """
     sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
     z = [_local(t) for t in z]
@@ -592,16 +618,23 @@ def foreach_meta_step_element(
     C, gate = meta_gate(group, stack0(Cs), okf)
     copy0(Cs, C)
     wide = L[0].dtype
-    # one 0/1 gate per tensor (its own step count decides the cooldown), or the step's flag for all
-    oks = list(gate.to(wide).unbind(0)) if gate.dim() else None
-    ok = gate.to(wide) if oks is None else None
+    if group["skip_nonfinite"]:  # 0/1 gates per weight: the tensor's gate, and 0 where z is not finite
+        fin = [torch.isfinite(t).to(wide) for t in z]
+        for t in z:
+            torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+        gw = gate.to(wide)
+        oks = [f.mul_(o) for f, o in zip(fin, gw.unbind(0) if gate.dim() else [gw] * len(fin))]
+        ok = None
+    else:  # one 0/1 gate per tensor (its own step count decides the cooldown), or the step's flag for all
+        oks = list(gate.to(wide).unbind(0)) if gate.dim() else None
+        ok = gate.to(wide) if oks is None else None
     up, down = meta_rates(group)
     if group["meta"] == "adam":
         VB = [s["meta_exp_avg_sq"] for s in sts]
         S = [s["meta_step"] for s in sts]
         s64 = advance(S, gate)  # bias corrections in float64, folded
         m_scale, meps_hat = (x.to(wide) for x in meta_folded_scales((b1, b2), group["meta_eps"], s64))
-    if oks is not None:  # the cooldown gate differs per tensor: zero the meta-gradient of frozen tensors
+    if oks is not None:  # the gates differ per tensor (or per weight): zero the meta-gradient where frozen
         torch._foreach_mul_(z, oks)
         okl: Any = oks
     else:

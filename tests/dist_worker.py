@@ -47,7 +47,7 @@ def batches(steps: int, n: int = 16):
 
 
 FUSED = False  # --fused: MetaOptimize(fused=True), on every rank and in the reference
-SKIP = True  # --noskip: skip_nonfinite=False (the compiled kernel then computes the meta-gradients' partial sums)
+SKIP = True  # --noskip: skip_nonfinite=False (inf / NaN go through; nothing to agree on before the kernel)
 
 
 def make_opt(model, granularity):

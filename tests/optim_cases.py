@@ -65,6 +65,7 @@ SINGLE_GROUP = None  # one plain list of all params
 NO_DECAY = ("attn.qkv.bias", "norm.weight")  # the Trainer's no-decay group: biases and norms
 
 DEFAULT_LR = {"adamw": 1e-2, "lion": 3e-3, "sgd": 5e-2, "rmsprop": 1e-2}
+INF_TRACE_PARAM = "attn.out.weight"  # OptimCase.inf_trace_at: its meta-gradient is then not finite, its grads are
 LATE_STEPS = 7  # params in OptimCase.late get no grad for their first LATE_STEPS steps
 
 
@@ -78,6 +79,7 @@ class OptimCase:
     late: tuple[str, ...] = ()  # grad None for the first LATE_STEPS steps (lazy state joins later)
     sometimes_none: tuple[str, ...] = ()  # grad None on every third step (state but no grad)
     nonfinite_at: tuple[int, ...] = ()  # steps at which one grad entry is inf (even) or nan (odd)
+    inf_trace_at: int | None = None  # before this step the trace of INF_TRACE_PARAM becomes inf (grads stay finite)
 
     def __repr__(self) -> str:  # used in pytest ids and failure messages
         return f"OptimCase({self.name})"
@@ -508,8 +510,10 @@ def run_pair(
     ref_params = make_params(dtype, seed)
     fast = fast_cls(make_param_groups(case, fast_params), **case.kwargs)
     ref = ref_cls(make_param_groups(case, ref_params), **case.kwargs)
-    for grads in gradients(case, steps, seed):
+    for t, grads in enumerate(gradients(case, steps, seed)):
         for params, opt in ((fast_params, fast), (ref_params, ref)):
+            if t == case.inf_trace_at:
+                opt.state[params[INF_TRACE_PARAM]]["trace"].fill_(math.inf)
             set_grads(params, grads, dtype)
             opt.step()
     return RunPair(fast, ref, fast_params, ref_params)

@@ -13,8 +13,9 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 CASES = [(b, g, False, False) for b in ("ddp", "fsdp2") for g in ("scalar", "block", "tensor", "element")]
 CASES += [("ddp", "block", True, False), ("fsdp2", "block", True, False)]  # bf16 autocast
 CASES += [("fsdp2", "element", False, True)]  # fused=True on DTensor shards
-# no guard: the kernel computes the shards' partial meta-gradients, completed by the all-reduce after the base step
-CASES += [("fsdp2", "tensor", False, "noskip")]
+# the kernel computes the shards' partial meta-gradients, completed by an all-reduce after the base step; with the
+# guard, the grads' norms are agreed on by one all-reduce before it
+CASES += [("fsdp2", "tensor", False, True), ("fsdp2", "tensor", False, "noskip")]
 
 
 @pytest.mark.slow

@@ -7,12 +7,15 @@ round-off for float64 params, and to ~1e-4 relative (params and log_step) for fl
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
 from optim_cases import (
     CASES,
     CORE_CASES,
+    DEFAULT_LR,
+    INF_TRACE_PARAM,
     PAPER_CASES,
     OptimCase,
     RunPair,
@@ -20,7 +23,9 @@ from optim_cases import (
     gradients,
     make_param_groups,
     make_params,
+    reference_class,
     run_pair,
+    set_grads,
 )
 
 from hf_metaoptimize.spec import BASE_MOMENTS, BASES, GRANULARITIES, METAS
@@ -168,3 +173,45 @@ def test_cases_cover_every_base_meta_granularity():
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     assert isinstance(CASES[0], OptimCase)
+
+
+# The guard reads the grads alone: a meta-gradient that is not finite although every grad is (here: a trace set to
+# inf) skips nothing; it leaves the step size of its block (element granularity: of each such weight) and its meta
+# state as they are, while the base steps go on (docs/design.md, steps 3 and 6).
+INF_TRACE = [
+    OptimCase(
+        f"{base}-{meta}-inf-trace-{gran}",
+        dict(lr=DEFAULT_LR[base], base=base, meta=meta, granularity=gran, meta_lr=1e-2),
+        inf_trace_at=20,
+    )
+    for base, meta, gran in (
+        ("adamw", "lion", "tensor"),
+        ("lion", "lion", "block"),
+        ("sgd", "adam", "scalar"),
+        ("adamw", "adam", "element"),
+        ("rmsprop", "lion", "element"),
+    )
+]
+PATHS = {"foreach": dict(foreach=True), "per-tensor": dict(foreach=False), "compiled": dict(fused=True)}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", INF_TRACE, ids=lambda c: c.name)
+def test_a_non_finite_meta_gradient_with_finite_grads_keeps_its_step_size(case, path):
+    pair = run_pair(case, steps=40, dtype=torch.float64, fast_cls=functools.partial(fast_class(), **PATHS[path]))
+    assert_params_close(pair, rtol=1e-9, atol=1e-12)
+    assert_state_close(pair, rtol=1e-9, atol=1e-12)
+    # the rule itself, on the reference: nothing skipped, the params moved on, the frozen step size stayed where
+    # the first 20 steps left it
+    params = make_params()
+    ref = reference_class()(make_param_groups(case, params), **case.kwargs)
+    p = params[INF_TRACE_PARAM]
+    for t, grads in enumerate(gradients(case, 40)):
+        if t == case.inf_trace_at:
+            ref.state[p]["trace"].fill_(math.inf)
+            log_step, weight = ref.state[p]["log_step"].clone(), p.detach().clone()
+        set_grads(params, grads, torch.float64)
+        ref.step()
+    assert all(float(st["nonfinite_steps"]) == 0 for st in ref.state.values())
+    assert torch.equal(ref.state[p]["log_step"], log_step)
+    assert not torch.equal(p, weight)

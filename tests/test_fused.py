@@ -86,14 +86,15 @@ def test_fused_matches_foreach_float32(case):
             torch.testing.assert_close(value, plain.fast.state[plain.fast_params[name]][key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("skip", [True, False], ids=["guard", "no-guard"])
 @pytest.mark.parametrize("fused", [True, False], ids=["compiled", "per-tensor"])
-def test_without_the_guard_the_kernel_computes_the_meta_gradients(fused, monkeypatch):
-    """skip_nonfinite=False: nothing reads z before the update, so the per-tensor kernel computes <h, g> from the
-    OLD trace while it reads h and g for the update (no separate pass, no dot product outside it) and the meta
-    step gets the z the pass before the step gives (the foreach path's, to round-off)."""
+def test_the_kernel_computes_the_meta_gradients(fused, skip, monkeypatch):
+    """Nothing reads z before the update (the guard reads the grads alone), so the per-tensor kernel computes <h, g>
+    from the OLD trace while it reads h and g for the update (no separate pass, no dot product outside it) and the
+    meta step gets the z the pass before the step gives (the foreach path's, to round-off)."""
     from torch.profiler import ProfilerActivity, profile
 
-    kw = dict(lr=1e-2, granularity="tensor", meta_lr=1e-2, weight_decay=0.1, skip_nonfinite=False)
+    kw = dict(lr=1e-2, granularity="tensor", meta_lr=1e-2, weight_decay=0.1, skip_nonfinite=skip)
     runs = {}
     for name, extra in (("kernel", dict(fused=True) if fused else dict(foreach=False)), ("foreach", {})):
         model = _model(torch.float64)
@@ -116,37 +117,6 @@ def test_without_the_guard_the_kernel_computes_the_meta_gradients(fused, monkeyp
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
         for k, v in opt.state[p].items():
             torch.testing.assert_close(v, runs["foreach"][1].state[q][k], rtol=1e-12, atol=1e-14, msg=k)
-
-
-GUARD_PASS = (
-    "adamw-lion-tensor",
-    "rmsprop-nonfinite-tensor",
-    "adamw-lion-grad-none-element",
-    "lion-adam-grad-none-block",
-)
-
-
-@pytest.mark.parametrize("name", GUARD_PASS)
-def test_guard_pass_as_a_compiled_program_matches_reference(name, monkeypatch):
-    """The guard's meta-gradient pass as the compiled dots program (the default on CUDA: ``_fused.DOTS_PROGRAM_ON``),
-    run here on CPU: held to the float64 reference like the kernel (a non-finite step, params without a grad, tensors
-    of one weight among them), and no dot product runs outside it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from hf_metaoptimize import _fused
-
-    monkeypatch.setattr(_fused, "DOTS_PROGRAM_ON", ("cpu",))
-    case = next(c for c in CASES if c.name == name)
-    pair = run_pair(case, steps=30, dtype=torch.float64, fast_cls=FUSED)
-    assert_params_close(pair, rtol=1e-9, atol=1e-12)
-    assert_state_close(pair, rtol=1e-9, atol=1e-12)
-    assert any(k[0] == "dots" for k in _fused._RUNNERS)
-    model = _model(torch.float64)
-    opt = MetaOptimize(model.parameters(), lr=1e-2, granularity="tensor", fused=True)
-    _train(model, opt, 2)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _train(model, opt, 1, seed=3)
-    assert not [e for e in prof.key_averages() if e.key == "aten::dot"]
 
 
 def _model(dtype=torch.float32, seed=0):

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..distributed import reduce_partial_sums
 from ..optimizer import MetaOptimize, _base_group_step, _count_skipped, _finite_guard, _Plan
-from ..rules import meta_step_shared
+from ..rules import grad_norms, meta_step_shared
 from .deepspeed_config import check_config
 
 __all__ = ["attach", "initialize", "check_config", "ZeroPartitions", "SUPPORTED"]
@@ -164,11 +164,13 @@ class ZeroPartitions:
         applies the block's meta update to every member, so that the next base step of every member uses
         beta_{t+1}, exactly as in Algorithm 3."""
         active = plan.active
-        zvec, zelem = opt._local_meta_grads(active, grads, sums=True, states=plan.states)
         gran = opt._all_groups[0]["granularity"]
-        ones = torch.ones(1, dtype=zvec.dtype, device=zvec.device)
-        flag = reduce_partial_sums(zvec.sum().reshape(1), ones, [self.group])
-        ok, okf, _ = _finite_guard(flag, opt._all_groups[0]["skip_nonfinite"])
+        zvec, zelem = opt._local_meta_grads(active, grads, gran != "element", plan.states)
+        norm = None
+        if opt._all_groups[0]["skip_nonfinite"]:  # the guard, from the grads, agreed over the data-parallel group
+            local = grad_norms([g for gs in grads.values() for g in gs]).reshape(1)
+            norm = reduce_partial_sums(local, torch.ones_like(local), [self.group]).reshape(())
+        ok, okf = _finite_guard(norm, opt._unit(active))
         plist_all = [p for _, _, plist in active for p in plist]
         if gran != "element":
             contrib = zvec if ok is None else torch.where(ok, zvec, torch.zeros_like(zvec))
@@ -178,9 +180,9 @@ class ZeroPartitions:
                     st["meta_grad"] = torch.zeros((), dtype=st["trace"].dtype, device=p.device)
                 st["meta_grad"].copy_(z)
         for bucket in plan.base_buckets(opt._fused_on):
-            bucket.step(opt.state, grads, okf, ok is not None, None, None, None)
+            bucket.step(opt.state, grads, okf, ok is not None, None, None)
         if gran == "element":
-            opt._element_meta_steps(active, zelem, ok, okf)
+            opt._element_meta_steps(active, zelem, okf)
         else:
             done = [self.last[id(p)] for p in plist_all if id(p) in self.last]
             if done:
@@ -226,10 +228,14 @@ class ZeroPartitions:
         dots = [torch.dot(h.narrow(0, s, n), gv) for s, n, gv in zip(frag.start, frag.numel, gviews)]
         zfrag = torch.stack(dots) if dots else torch.zeros(0, dtype=h.dtype, device=h.device)
         idx = opt._cached_index(frag.index, h.device)
-        full = torch.zeros(frag.n, dtype=h.dtype, device=h.device).index_add_(0, idx, zfrag)
+        full = torch.zeros(frag.n + 1, dtype=h.dtype, device=h.device)
+        full[: frag.n].index_add_(0, idx, zfrag)
+        if group["skip_nonfinite"] and gviews:  # the guard's grad norms travel in the same all-reduce
+            full[frag.n] = grad_norms(gviews).to(h.dtype)
         full = reduce_partial_sums(full, torch.ones_like(full), [self.group])
-        ok, okf, full = _finite_guard(full, group["skip_nonfinite"])  # the flag, and z zeroed on a skipped step
-        z = full.index_select(0, idx)
+        norm = full[frag.n] if group["skip_nonfinite"] else None
+        ok, okf = _finite_guard(norm, torch.ones((), dtype=h.dtype, device=h.device))
+        z = full[: frag.n].index_select(0, idx)
         if views:
             _base_group_step(pseudo, group, views, gviews, okf, ok is not None, opt._fused_on(group), own=False)
             meta_step_shared(pseudo, group, views, z, okf)
