@@ -123,8 +123,8 @@ def cache_dir() -> Path:
 
 
 def _runner(key: tuple, build):
-    """The loaded chunk program for `key`: from memory, else from the disk cache, else compiled now from
-    ``build() -> (module, per-tensor dtypes, rows dtype or None, device)``."""
+    """The loaded chunk kernel for `key`: from memory, else from the disk cache, else compiled now from
+    ``build() -> (module, per-tensor dtypes, rows dtype, device)`` (:func:`_layout`)."""
     fn = _RUNNERS.get(key)
     if fn is not None:
         return fn
@@ -149,18 +149,13 @@ def _source_hash() -> str:
 
 
 def _compile(
-    module: torch.nn.Module,
-    dtypes: Sequence[torch.dtype],
-    rows: torch.dtype | None,
-    device: torch.device,
-    path: Path,
+    module: _Chunk, dtypes: Sequence[torch.dtype], rows: torch.dtype, device: torch.device, path: Path
 ) -> None:
     """Export `module` over CHUNK tensors of `dtypes` each (flat, one dynamic size per tensor; then the (CHUNK, ROW)
-    rows of dtype `rows`, if any) and compile it ahead of time into the package `path`."""
+    rows of dtype `rows`) and compile it ahead of time into the package `path`."""
     logger.info(
-        "MetaOptimize(fused=True): compiling %s for %s (once per configuration; cached in %s)",
-        type(module).__name__,
-        getattr(module, "config", [str(d) for d in dtypes]),
+        "MetaOptimize(fused=True): compiling the step kernel for %s (once per configuration; cached in %s)",
+        module.config,
         path.parent,
     )
     example, dynamic = [], []
@@ -169,9 +164,8 @@ def _compile(
         for dtype in dtypes:
             example.append(torch.zeros(EXAMPLE_SIZE + i, dtype=dtype, device=device))
             dynamic.append({0: size})
-    if rows is not None:
-        example.append(torch.ones(CHUNK, len(ROW), dtype=rows, device=device))
-        dynamic.append(None)
+    example.append(torch.ones(CHUNK, len(ROW), dtype=rows, device=device))
+    dynamic.append(None)
     try:
         program = torch.export.export(module, tuple(example), dynamic_shapes=(tuple(dynamic),))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,9 +339,9 @@ def fused_step(
         sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
         pad = (-len(items)) % CHUNK
         if pad:
-            dummy = _padding(key, [t.dtype for t in items[0]], items[0][0].device)
+            dummy, zero_rows = _padding(key, items[0], sub)
             items += [dummy] * pad
-            sub = torch.cat([sub, _zero_rows(sub)[:pad]])
+            sub = torch.cat([sub, zero_rows[:pad]])
         for c in range(0, len(items), CHUNK):
             flat = [t for item in items[c : c + CHUNK] for t in item]
             flat.append(sub[c : c + CHUNK])
@@ -366,28 +360,21 @@ def fused_step(
     return _in_order(torch.cat(zparts)[:n_items] if zparts else None, tiny_z, tiny, len(params))
 
 
-# (program key, dtypes, device) -> one 2-weight tensor per input of a padding tensor; rows -> CHUNK zero rows
-_PADDING: dict[tuple, Any] = {}
+# kernel key -> (the padding tensor's inputs, CHUNK zero rows): made once, not at every step
+_PADDING: dict[tuple, tuple[list[Tensor], Tensor]] = {}
 
 
-def _padding(key: tuple, dtypes: list[torch.dtype], device: torch.device) -> list[Tensor]:
-    """What fills a last chunk up to CHUNK tensors: one 2-weight tensor per input (repeated; the kernel may write
-    into it, its values are never read), made once per program and device."""
-    k = (key, tuple(dtypes), device)
+def _padding(key: tuple, like: list[Tensor], rows: Tensor) -> tuple[list[Tensor], Tensor]:
+    """What fills a last chunk up to CHUNK tensors: one 2-weight tensor per input, of the dtypes and device of `like`
+    (repeated; the kernel writes into it, its values are never read), and zero rows (ok = 0, alpha = 0). Kept per
+    kernel key and rows' dtype / device."""
+    k = (key, rows.dtype, rows.device)
     hit = _PADDING.get(k)
     if hit is None:
         if len(_PADDING) > 64:
             _PADDING.clear()
-        hit = _PADDING[k] = [torch.zeros(2, dtype=dt, device=device) for dt in dtypes]
-    return hit
-
-
-def _zero_rows(rows: Tensor) -> Tensor:
-    """CHUNK rows of zeros like `rows` (ok = 0, alpha = 0: nothing moves), made once per dtype and device."""
-    k = ("rows", rows.dtype, rows.device, rows.shape[1])
-    hit = _PADDING.get(k)
-    if hit is None:
-        hit = _PADDING[k] = torch.zeros(CHUNK, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        dummy = [torch.zeros(2, dtype=t.dtype, device=t.device) for t in like]
+        hit = _PADDING[k] = (dummy, torch.zeros(CHUNK, rows.shape[1], dtype=rows.dtype, device=rows.device))
     return hit
 
 

@@ -537,7 +537,6 @@ class MetaOptimize(Optimizer):
         if "_auto_fused" not in self.__dict__:
             self._choose_fused(active)
         grads = plan.grads(self._fused_on, raw=self._partitions is None)
-        # Algorithm 3 step 1: the meta-gradient from the OLD trace, z_p = <h_p, g_p> (rank-local, float32+)
         if self._partitions is not None:  # DeepSpeed ZeRO: this call sees some partitions only
             self._partitions.step(self, plan, grads)  # integrations.deepspeed.ZeroPartitions
             return loss
@@ -725,18 +724,6 @@ class MetaOptimize(Optimizer):
         """The step's finite flag without the guard: 1, in the meta-gradients' dtype and on their device."""
         h = _local(self.state[active[0][2][0]]["trace"])
         return torch.ones((), dtype=h.dtype, device=h.device)
-
-    def _grads(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """The gradients as the math reads them: as they are for the per-tensor kernel (it widens a low-precision
-        grad as it reads it: no float32 copy, which would cost a write and two reads of 4 bytes per weight), in the
-        trace's dtype (float32+; a copy for low precision) for the foreach path and DeepSpeed's partitions."""
-        if self._partitions is None and self._fused_on(group):
-            return [p.grad for p in params]
-        out = []
-        for p in params:
-            h, g = self.state[p]["trace"], p.grad
-            out.append(g if g.dtype == h.dtype else g.to(h.dtype))
-        return out
 
     def _local_meta_grads(
         self,
