@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -39,15 +40,20 @@ from torch import Tensor
 from .distributed import any_dtensor, local_tensor
 from .rules import (
     ROW,
+    _meta_gate,
+    _rate,
     advance,
     copy0,
     folded_scales,
     hyper_row,
     kernel_slots,
     lerp,
+    lion_meta_update,
     meta_folded_scales,
     meta_gate,
     meta_grad,
+    meta_numbers,
+    meta_update,
     stack0,
     step_size,
     tensor_step,
@@ -100,6 +106,80 @@ def _step_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "dots"}
 
 
+class _Meta(torch.nn.Module):
+    """The 0-d Lion meta step of scalar / block / tensor granularity (:func:`rules.lion_meta_update`, traced as it
+    is) on the n stacked members of one call: one program call instead of ~25 small ops, each a dispatch on CPU and
+    a launch on a GPU. The group's numbers are inputs, so one program serves every group and every value of
+    meta_lr, total_steps, ...: ``forward(L, MB, C, z, okf, numbers, last)`` returns the new ``(L, MB, C)``."""
+
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        self.skip = skip
+
+    def forward(self, *xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # one varargs, as :func:`_package` exports
+        L, MB, C, z, okf, numbers, last = xs
+        return lion_meta_update(L, MB, C, z, okf, numbers, last, self.skip)
+
+
+_META_FAILED: set[tuple] = set()
+_META_NUMBERS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _meta_numbers(group: dict[str, Any], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`rules.meta_numbers` as the program's inputs (the 6 numbers in `dtype`, the last live step count in
+    float64, inf without a cooldown), made once per value."""
+    numbers, last = meta_numbers(group)
+    key = (numbers, last, dtype, device)
+    hit = _META_NUMBERS.get(key)
+    if hit is None:
+        if len(_META_NUMBERS) > 256:
+            _META_NUMBERS.clear()
+        last = math.inf if last is None else last
+        hit = _META_NUMBERS[key] = (
+            torch.tensor(numbers, dtype=dtype, device=device),
+            torch.tensor(last, dtype=torch.float64, device=device),
+        )
+    return hit
+
+
+def meta_program(
+    L: Tensor,
+    MB: Tensor,
+    VB: Tensor | None,
+    S: Tensor | None,
+    C: Tensor,
+    z: Tensor,
+    okf: Tensor,
+    group: dict[str, Any],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """:func:`rules.meta_update` as a compiled program (:class:`_Meta`), for the compiled step: the same arguments
+    and results, the same bits. One program per (guard on/off, dtypes, device), compiled once per machine (~10 s
+    on CPU; disk cache). Runs the eager function where the program does not serve: Adam meta, fewer than two
+    members (the program's size is dynamic from 2), or a machine where it does not compile (said once)."""
+    skip = bool(group["skip_nonfinite"])
+    xs = [L, MB, C, z.contiguous(), okf]
+    key = ("meta", skip, tuple(str(x.dtype) for x in xs), L.device.type, _machine(L.device))
+    if group["meta"] != "lion" or L.shape[0] < 2 or key in _META_FAILED:
+        return meta_update(L, MB, VB, S, C, z, okf, group)
+
+    def make(path: Path) -> None:
+        logger.info("MetaOptimize(fused=True): compiling the meta step for %s (once; cached in %s)", key, path.parent)
+        size = torch.export.Dim("n", min=2)
+        example = [torch.zeros(16 if x.dim() else (), dtype=x.dtype, device=x.device) for x in xs]
+        example += list(_meta_numbers(group, L.dtype, L.device))
+        dynamic = [{0: size} if x.dim() else None for x in xs] + [None, None]
+        _package(_Meta(skip), example, dynamic, path)
+
+    try:
+        fn = _runner(key, make)
+    except RuntimeError as e:  # the kernel compiled, this did not: the eager function, which gives the same bits
+        _META_FAILED.add(key)
+        logger.warning("MetaOptimize: the compiled meta step is not available (%s); running it eagerly", e)
+        return meta_update(L, MB, VB, S, C, z, okf, group)
+    L, MB, C = _run(fn, [*xs, *_meta_numbers(group, L.dtype, L.device)])
+    return L, MB, VB, S, C
+
+
 #: The tensor sizes the kernel is traced with. Inductor sizes its loops' parallelism by these hints: with tiny
 #: examples it emits a serial kernel whatever the thread count; at this size it parallelises over the threads.
 EXAMPLE_SIZE = 1 << 16
@@ -122,9 +202,9 @@ def cache_dir() -> Path:
     return Path(root) / f"aoti-torch{torch.__version__}"
 
 
-def _runner(key: tuple, build):
-    """The loaded chunk kernel for `key`: from memory, else from the disk cache, else compiled now from
-    ``build() -> (module, per-tensor dtypes, rows dtype, device)`` (:func:`_layout`)."""
+def _runner(key: tuple, make):
+    """The loaded program for `key`: from memory, else from the disk cache, else compiled now by ``make(path)``,
+    which writes the package (:func:`_compile` for the chunk kernel, :func:`_package` for the small programs)."""
     fn = _RUNNERS.get(key)
     if fn is not None:
         return fn
@@ -132,18 +212,23 @@ def _runner(key: tuple, build):
         fn = _RUNNERS.get(key)
         if fn is not None:
             return fn
-        path = cache_dir() / (hashlib.sha1(repr((key, _source_hash())).encode()).hexdigest()[:20] + ".pt2")
+        path = package_path(key)
         if not path.exists():
-            _compile(*build(), path)
+            make(path)
         fn = _RUNNERS[key] = torch._inductor.aoti_load_package(str(path))
         return fn
+
+
+def package_path(key: tuple) -> Path:
+    """The disk-cache file of the program for `key` (of this version of the code: :func:`_source_hash`)."""
+    return cache_dir() / (hashlib.sha1(repr((key, _source_hash())).encode()).hexdigest()[:20] + ".pt2")
 
 
 def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    parts = (tensor_step, lerp, _Chunk, _compile)
+    parts = (tensor_step, lerp, _Chunk, _compile, _package, _Meta, lion_meta_update, _meta_gate, _rate)
     text = "".join(map(inspect.getsource, parts)) + repr(ROW) + str(CHUNK) + str(EXAMPLE_SIZE)
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -151,8 +236,8 @@ def _source_hash() -> str:
 def _compile(
     module: _Chunk, dtypes: Sequence[torch.dtype], rows: torch.dtype, device: torch.device, path: Path
 ) -> None:
-    """Export `module` over CHUNK tensors of `dtypes` each (flat, one dynamic size per tensor; then the (CHUNK, ROW)
-    rows of dtype `rows`) and compile it ahead of time into the package `path`."""
+    """Export the chunk kernel over CHUNK tensors of `dtypes` each (flat, one dynamic size per tensor; then the
+    (CHUNK, ROW) rows of dtype `rows`) and compile it ahead of time into the package `path`."""
     logger.info(
         "MetaOptimize(fused=True): compiling the step kernel for %s (once per configuration; cached in %s)",
         module.config,
@@ -166,6 +251,12 @@ def _compile(
             dynamic.append({0: size})
     example.append(torch.ones(CHUNK, len(ROW), dtype=rows, device=device))
     dynamic.append(None)
+    _package(module, example, dynamic, path)
+
+
+def _package(module: torch.nn.Module, example: list[Tensor], dynamic: list[Any], path: Path) -> None:
+    """``torch.export`` `module` on `example` (with `dynamic` shapes) and AOTInductor-compile it into `path`,
+    atomically; a compiler that fails is named with the fix."""
     try:
         program = torch.export.export(module, tuple(example), dynamic_shapes=(tuple(dynamic),))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,10 +312,10 @@ def _layout(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor])
         _machine(p.device),
     )
 
-    def build():
-        return _Chunk(config, slots), [dtypes[k] for k in ("p", "g", *slots)], dtypes["trace"], p.device
+    def make(path: Path) -> None:
+        _compile(_Chunk(config, slots), [dtypes[k] for k in ("p", "g", *slots)], dtypes["trace"], p.device, path)
 
-    return slots, key, build
+    return slots, key, make
 
 
 def prepare(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> None:
@@ -232,8 +323,8 @@ def prepare(config: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor])
     compiler fails), without touching any tensor."""
     p, g = local_tensor(p), local_tensor(g)
     st = {k: local_tensor(v) for k, v in st.items()}
-    _, key, build = _layout(config, p, g, st)
-    _runner(key, build)
+    _, key, make = _layout(config, p, g, st)
+    _runner(key, make)
 
 
 _INDEX: dict[tuple, Tensor] = {}
@@ -329,13 +420,13 @@ def fused_step(
                 zs.append(meta_grad(st["trace"], g))
             _run_eager(config, p, g, st, rows[i])
         return torch.stack(zs) if dots else None
-    slots, key, build = _layout(config, params[0], grads[0], states[0])
+    slots, key, make = _layout(config, params[0], grads[0], states[0])
     copies: list[tuple[Tensor, Tensor]] = []
     items, tiny = _gather(params, grads, states, slots, views, keys, copies)
     zparts: list[Tensor] = []
     n_items = len(items)
     if items:
-        fn = _runner(key, build)
+        fn = _runner(key, make)
         sub = rows if not tiny else rows[_index(len(params), tuple(tiny), rows.device)]
         pad = (-len(items)) % CHUNK
         if pad:

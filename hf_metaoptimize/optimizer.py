@@ -36,8 +36,10 @@ from .rules import (
     foreach_base_step,
     foreach_meta_step_element,
     grad_norms,
+    guard_workspace,
     meta_grad,
     meta_step_shared,
+    norm_layout,
     packed,
     wide_dtype,
 )
@@ -544,7 +546,8 @@ class MetaOptimize(Optimizer):
         element = self._all_groups[0]["granularity"] == "element"
         # Design step 3, the guard: from the grads alone (their norms: one read, no meta-gradient needed before the
         # update); FSDP2: one all-reduce agrees on it, together with the meta-gradients when they come first.
-        norm = grad_norms([g for gs in grads.values() for g in gs]) if skip else None
+        buckets = plan.base_buckets(self._fused_on)
+        norm, filled = plan.norms(grads, buckets, self._views) if skip else (None, {})
         # Algorithm 3 step 1, z_p = <h_p, g_p> from the OLD trace (rank-local, float32+): the per-tensor kernel
         # computes it while it reads h and g for the update (shared granularities; element granularity's meta step
         # reads h * g per weight and needs no sums), completed after the base step; the foreach path before it.
@@ -556,8 +559,8 @@ class MetaOptimize(Optimizer):
         if zvec is not None:
             red, keys = self._block_sums(active, zvec, plan)
         # Algorithm 3 steps 2-3: base step with alpha = lr * exp(log_step), then the trace
-        for bucket in plan.base_buckets(self._fused_on):
-            bucket.step(self.state, grads, okf, ok is not None, self._views, zsink)
+        for bucket in buckets:
+            bucket.step(self.state, grads, okf, ok is not None, self._views, zsink, filled.get(id(bucket)))
         if late:
             zvec, _ = plan.complete(_assemble(plan.params, zsink, self._cached_index), None, self._cached_index)
             red, keys = self._block_sums(active, zvec, plan)
@@ -566,7 +569,7 @@ class MetaOptimize(Optimizer):
             self._element_meta_steps(active, zelem, okf)
         else:
             for group, members, sts, z in self._meta_calls(plan, red, keys):
-                meta_step_shared(self.state, group, members, z, okf, sts)
+                meta_step_shared(self.state, group, members, z, okf, sts, self._meta_update(group))
         _count_skipped(plan.flat_states, ok, okf)
         return loss
 
@@ -641,6 +644,15 @@ class MetaOptimize(Optimizer):
             return
         logger.info("MetaOptimize: %d weights: using the compiled (fused) step; foreach=True picks the other", weights)
         self._auto_fused = True
+
+    def _meta_update(self, group: dict[str, Any]) -> Callable[..., tuple] | None:
+        """The 0-d meta step's function for this group: on the compiled path the compiled program
+        (``_fused.meta_program``: one call instead of ~25 small ops), else the eager ``rules.meta_update`` (None)."""
+        if not self._fused_on(group) or group["foreach"] is False:
+            return None
+        from ._fused import meta_program
+
+        return meta_program
 
     def _kernel_dots(self, group: dict[str, Any]) -> bool:
         """Whether the per-tensor kernel computes this group's meta-gradients ``z_p`` itself, while it reads h and g
@@ -936,6 +948,28 @@ class _Plan:
             out[gi] = gs
         return out
 
+    def norms(
+        self, grads: dict[int, list[Tensor]], buckets: list[_Bucket], cache: dict[Any, Any]
+    ) -> tuple[Tensor, dict[int, tuple[Tensor, list[Tensor]]]]:
+        """The guard's grad norms of this step's grads, and the flat workspaces they filled on the way, by bucket id
+        (:func:`rules.guard_workspace`: the copy the foreach step makes anyway, normed once, handed to that bucket's
+        step); the other grads by :func:`rules.grad_norms`, grouped as found once per bucket layout."""
+        parts, rest, filled, taken = [], [], {}, set()
+        for b in buckets:
+            gs = b.grads(grads)
+            hit = None if b.fused or b.converted else guard_workspace(cache, gs, taken)
+            if hit is None:
+                rest.extend(gs)
+            else:
+                parts.append(hit[0])
+                filled[id(b)] = hit[1]
+        if rest:
+            layout = self.get(("norms", tuple(map(id, buckets))), lambda: norm_layout(rest))
+            parts.append(grad_norms(rest, layout))
+        home, wide = parts[-1].device, torch.promote_types(parts[-1].dtype, torch.float32)
+        parts = [t.to(device=home, dtype=wide) for t in parts]
+        return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()), filled
+
     def complete(
         self, zvec: Tensor | None, norm: Tensor | None, index: Callable[[tuple, Any], Tensor]
     ) -> tuple[Tensor | None, Tensor | None]:
@@ -973,22 +1007,37 @@ class _Bucket:
     (their ids: the compiled step's view cache key, stable when a param is a DTensor whose local shard is a new
     tensor at every step) and where their grads are in the step's per-group grad lists."""
 
-    __slots__ = ("group", "params", "states", "kappas", "where", "device", "dtype", "fused", "keys")
+    __slots__ = ("group", "params", "states", "kappas", "where", "device", "dtype", "fused", "keys", "converted")
 
-    def __init__(self, group, params, states, kappas, where, device, dtype, fused) -> None:
+    def __init__(self, group, params, states, kappas, where, device, dtype, fused, converted) -> None:
         self.group, self.params, self.states, self.kappas = group, params, states, kappas
         self.where, self.device, self.dtype, self.fused = where, device, dtype, fused
         self.keys = [id(p) for p in params]
+        self.converted = converted  # the foreach path reads float32 copies of these grads (low precision)
 
-    def step(self, state, grads, okf, sanitize, views, zsink) -> None:
-        """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3) on this
-        bucket (:func:`_base_group_step`)."""
+    def grads(self, grads: dict[int, list[Tensor]]) -> list[Tensor]:
+        """This bucket's grads, picked from the step's per-group lists."""
         if len(self.where) == 1 and self.where[0][1] is None:
-            gs = grads[self.where[0][0]]
-        else:
-            gs = [grads[gi][i] for gi, idx in self.where for i in idx]
+            return grads[self.where[0][0]]
+        return [grads[gi][i] for gi, idx in self.where for i in idx]
+
+    def step(self, state, grads, okf, sanitize, views, zsink, workspace=None) -> None:
+        """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3) on this
+        bucket (:func:`_base_group_step`). `workspace`: the foreach workspace the guard filled with its grads."""
         _base_group_step(
-            state, self.group, self.params, gs, okf, sanitize, self.fused, None, self.kappas, views, zsink, self
+            state,
+            self.group,
+            self.params,
+            self.grads(grads),
+            okf,
+            sanitize,
+            self.fused,
+            None,
+            self.kappas,
+            views,
+            zsink,
+            self,
+            workspace,
         )
 
 
@@ -1019,7 +1068,8 @@ def _buckets(plan: _Plan, keys: tuple, fused_on: Callable[[dict[str, Any]], bool
                     where.append((gi, None if len(idx) == len(plist) and len(split) == 1 else idx))
             if len(where) > 1 or where[0][1] is not None:  # a general pick: no whole-list shortcut
                 where = [(gi, list(range(len(plan.states[gi]))) if idx is None else idx) for gi, idx in where]
-            out.append(_Bucket(group, params, states, kappas, where, device, dtype, fused_on(group)))
+            converted = any(plan.widen[gi] is not None for gi, _ in where)
+            out.append(_Bucket(group, params, states, kappas, where, device, dtype, fused_on(group), converted))
     return out
 
 
@@ -1073,6 +1123,7 @@ def _base_group_step(
     views: dict[Any, Any] | None = None,
     zsink: list[tuple[list[Tensor], Tensor]] | None = None,
     bucket: _Bucket | None = None,
+    workspace: tuple[Tensor, list[Tensor]] | None = None,
 ) -> None:
     """Base update with alpha = lr * exp(log_step), w <- w + dw, and the trace (Algorithm 3 steps 2-3).
 
@@ -1083,7 +1134,7 @@ def _base_group_step(
     `zsink` (the per-tensor kernel only): each bucket's params and their meta-gradients ``<h_p, g_p>`` from the OLD
     traces, computed by the kernel while it reads them (Algorithm 3 step 1, done here instead of before the step).
     `bucket`: the step's layout of these params (:class:`_Bucket`: one device and dtype, their states), else
-    derived here.
+    derived here. `workspace`: the foreach workspace the guard's norms filled with these grads this step.
     """
     if bucket is not None:
         runs = [(bucket.device, bucket.dtype, params, grads, kappas, bucket.states, bucket.keys)]
@@ -1106,7 +1157,7 @@ def _base_group_step(
             continue
         if zsink is not None:
             raise RuntimeError("the foreach path computes the meta-gradients before the step")
-        foreach_base_step(state, group, ps, gs, okf.to(device), dtype, sanitize, own, decay, cache=views)
+        foreach_base_step(state, group, ps, gs, okf.to(device), dtype, sanitize, own, decay, views, workspace)
 
 
 # ---------------------------------------------------------------------- checkpoint precision

@@ -22,6 +22,7 @@ of these functions reads a tensor value on the host.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -179,11 +180,39 @@ FLAT_SANITIZE_MAX = 1 << 20
 WORKSPACES = 8
 
 
+def _flat_sanitized(grads: list[Tensor]) -> bool:
+    """Whether the foreach step zeroes these (``p.grad``) grads in one flat workspace (:data:`FLAT_SANITIZE_MAX`)."""
+    return len(grads) > 1 and sum(g.numel() for g in grads) <= FLAT_SANITIZE_MAX
+
+
+def guard_workspace(
+    cache: dict[Any, Any] | None, grads: list[Tensor], taken: set[tuple]
+) -> tuple[Tensor, tuple[Tensor, list[Tensor]]] | None:
+    """The guard's norm of a foreach bucket whose grads the step copies into a flat workspace anyway
+    (:func:`_flat_sanitized`): the copy made here, one norm over it, and the filled workspace, which the bucket's
+    :func:`foreach_base_step` then takes as it is (``workspace=``) instead of copying again. None where the bucket has
+    no such workspace, or where a bucket before it in this step filled the buffer of the same layout (`taken`: the
+    layouts filled so far; buckets of one layout share one buffer), then :func:`grad_norms`."""
+    if cache is None or not _flat_sanitized(grads) or _any_dtensor(grads):
+        return None
+    key = _workspace_key(grads)
+    if key in taken:
+        return None
+    taken.add(key)
+    flat, work = _workspace(cache, grads)
+    torch._foreach_copy_(work, grads)
+    return torch.linalg.vector_norm(flat), (flat, work)
+
+
+def _workspace_key(like: list[Tensor]) -> tuple:
+    return ("workspace", like[0].dtype, like[0].device, tuple(t.shape for t in like))
+
+
 def _workspace(cache: dict[Any, Any] | None, like: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """A flat buffer the size of the tensors `like` and its views shaped like them, kept in `cache` (the optimizer's)
     per layout, so a step neither allocates it nor makes its views again (~5 us a view). Buckets of one layout
     stepping one after another reuse one buffer: each is done with it before the next starts."""
-    key = ("workspace", like[0].dtype, like[0].device, tuple(t.shape for t in like))
+    key = _workspace_key(like)
     hit = None if cache is None else cache.get(key)
     if hit is None:
         flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
@@ -267,20 +296,47 @@ def meta_grad(h: Tensor, g: Tensor) -> Tensor:
     return torch.dot(h.reshape(-1), g.reshape(-1))
 
 
-def grad_norms(grads: list[Tensor]) -> Tensor:
+def grad_norms(grads: list[Tensor], layout: list[tuple[list[int], list[int]]] | None = None) -> Tensor:
     """The non-finite guard's input (docs/design.md step 3): the sum of the (rank-local) grads' 2-norms, float32+, on
     the first grad's device. Not finite iff a gradient entry is inf or NaN (or a squared norm exceeds the grads'
     dtype: entries beyond ~1.8e19 in float32), as ``torch.nn.utils.clip_grad_norm_`` judges a norm. One read of
     every grad, one multi-tensor op per (device, dtype) and nothing per tensor from Python (on a GPU: a few launches
-    for all tensors)."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in grads:
-        g = _local(g)
-        buckets.setdefault((g.device, g.dtype), []).append(g)
-    home = _local(grads[0]).device
-    wide = torch.float64 if any(dt == torch.float64 for _, dt in buckets) else torch.float32
-    parts = [torch.stack(torch._foreach_norm(gs, 2)).sum().to(device=home, dtype=wide) for gs in buckets.values()]
+    for all tensors). On CPU, where a multi-tensor op is a loop of per-tensor reductions (~3 us each), the tensors
+    under :data:`NORM_FLAT_MAX` weights are copied into one buffer first (one C++ call) and normed once. `layout`:
+    :func:`norm_layout` of grads like these, where the caller keeps it."""
+    grads = [_local(g) for g in grads]
+    layout = norm_layout(grads) if layout is None else layout
+    home = grads[0].device
+    firsts = [grads[(flat or rest)[0]] for flat, rest in layout]  # one per (device, dtype) bucket
+    wide = torch.float64 if any(g.dtype == torch.float64 for g in firsts) else torch.float32
+    parts = []
+    for flat, rest in layout:
+        if flat:
+            parts.append(torch.linalg.vector_norm(torch._C._nn.flatten_dense_tensors([grads[i] for i in flat])))
+        if rest:
+            parts.append(torch.stack(torch._foreach_norm([grads[i] for i in rest], 2)).sum())
+    parts = [t.to(device=home, dtype=wide) for t in parts]
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def norm_layout(grads: list[Tensor]) -> list[tuple[list[int], list[int]]]:
+    """How :func:`grad_norms` groups `grads`: per (device, dtype), the positions normed from one flat copy (CPU,
+    under :data:`NORM_FLAT_MAX` weights, two or more of them) and the others (one multi-tensor op)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        g = _local(g)
+        buckets.setdefault((g.device, g.dtype), []).append(i)
+    out = []
+    for (device, _), idx in buckets.items():
+        flat = [i for i in idx if device.type == "cpu" and _local(grads[i]).numel() < NORM_FLAT_MAX]
+        if len(flat) < 2:
+            flat = []
+        out.append((flat, [i for i in idx if i not in set(flat)]))
+    return out
+
+
+#: :func:`grad_norms` on CPU: tensors under this many weights are normed together from one flat copy.
+NORM_FLAT_MAX = 1 << 16
 
 
 def advance(counts: list[Tensor], by: Tensor) -> Tensor:
@@ -349,12 +405,14 @@ def foreach_base_step(
     own: bool | None = None,
     kappas: list[float] | None = None,
     cache: dict[Any, Any] | None = None,
+    workspace: tuple[Tensor, list[Tensor]] | None = None,
 ) -> None:
     """The foreach base step of one (device, dtype) bucket. `own`: whether the grads are temporaries of ours that
     may serve as workspace (default: those that are not ``p.grad``). `kappas`: each tensor's weight decay (default:
     the group's), so that groups differing in weight decay alone (the Trainer's decay / no-decay split) step with
     one set of foreach calls; each tensor's arithmetic is the same as in a group of its own. `cache`: the
-    optimizer's, for the small-bucket workspace (:func:`_workspace`)."""
+    optimizer's, for the small-bucket workspace (:func:`_workspace`); `workspace`: that workspace already holding
+    these grads, filled by the guard's norms this step (:func:`guard_workspace`)."""
     base = group["base"]
     lr, gamma = group["lr"], group["gamma"]
     kappas = [group["weight_decay"]] * len(params) if kappas is None else kappas
@@ -378,13 +436,16 @@ def foreach_base_step(
     if sharded:
         grads = [_local(g) for g in grads]
     if sanitize:
-        # ok => every grad is finite (the flag comes from their dot products): zeroing the non-finite entries
-        # and multiplying by ok gives g itself, or 0 on a skipped step. Two streaming passes are cheaper than
-        # one torch.where with a broadcast 0-d condition (measured ~2.5x slower per pass on CPU).
-        if not own and len(grads) > 1 and sum(g.numel() for g in grads) <= FLAT_SANITIZE_MAX:
+        # ok => every grad is finite (the flag comes from their norms): zeroing the non-finite entries and
+        # multiplying by ok gives g itself, or 0 on a skipped step. Two streaming passes are cheaper than one
+        # torch.where with a broadcast 0-d condition (measured ~2.5x slower per pass on CPU).
+        if not own and _flat_sanitized(grads):
             # small tensors: one copy into a flat workspace, then one pass each, instead of one op per tensor
-            flat, work = _workspace(cache, grads)
-            torch._foreach_copy_(work, grads)
+            if workspace is None:
+                flat, work = _workspace(cache, grads)
+                torch._foreach_copy_(work, grads)
+            else:
+                flat, work = workspace
             torch.nan_to_num_(flat, nan=0.0, posinf=0.0, neginf=0.0)
             flat.mul_(okf.to(flat.dtype))
             grads = work
@@ -505,21 +566,69 @@ def cooldown_scale(group: dict[str, Any], t: Tensor) -> Tensor | None:
 
 def meta_gate(group: dict[str, Any], C: Tensor, okf: Tensor) -> tuple[Tensor, Tensor]:
     """(new block step counts C + ok, the meta step's 0/1 gate): ok, and 0 during the cooldown."""
-    C = C + okf.to(C.dtype)
-    n_c = cooldown_steps(group)
-    if n_c == 0:
-        return C, okf
-    live = (C.to(torch.float64) <= group["total_steps"] - n_c).to(okf.dtype)
-    return C, okf * live
+    C, gate, _ = _meta_gate(C, okf, meta_numbers(group)[1], okf, False)
+    return C, gate
 
 
-def _rate(group: dict[str, Any], d: Tensor) -> float | Tensor:
+def _rate(up: float | Tensor, down: float | Tensor, d: Tensor) -> float | Tensor:
     """The meta step for update direction `d` (log_step -= rate * d): eta_down where the step size falls (d > 0),
-    eta_up where it grows; one number when they are equal (the paper)."""
-    up, down = meta_rates(group)
+    eta_up where it grows; one number when they are equal host floats (the paper). `up` / `down`: host floats, or
+    0-d tensors of d's dtype (the compiled meta program's)."""
+    if isinstance(up, Tensor):
+        return torch.where(d > 0, down, up)
     if up == down:
         return up
     return torch.full_like(d, up).masked_fill_(d > 0, down)  # exact in d's dtype
+
+
+def meta_numbers(group: dict[str, Any]) -> tuple[tuple[float, ...], float | None]:
+    """The group's meta-step numbers (host floats, computed in float64 once), as :func:`lion_meta_update` takes them:
+    ((c_bar, 1 - rho, eta_up, eta_down, lower bound, upper bound), the last block step count at which the meta step
+    runs: total_steps - n_c with a cooldown, else None)."""
+    b1, b2 = (float(b) for b in group["meta_betas"])
+    up, down = meta_rates(group)
+    lo, hi = (float(b) for b in group["log_step_bounds"])
+    n_c = cooldown_steps(group)
+    return (b1, 1 - b2, up, down, lo, hi), (float(group["total_steps"] - n_c) if n_c else None)
+
+
+def _meta_gate(
+    C: Tensor, okf: Tensor, last: float | Tensor | None, z: Tensor, skip: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(C + ok, the meta step's 0/1 gate, z): the gate is ok, 0 past the block step count `last` (the cooldown),
+    and with the guard (`skip`) 0 where z is not finite, which is then read as 0 (docs/design.md step 6)."""
+    C = C + okf.to(C.dtype)
+    gate = okf if last is None else okf * (C.to(torch.float64) <= last).to(okf.dtype)
+    if skip:
+        finite = torch.isfinite(z)
+        z = torch.where(finite, z, torch.zeros((), dtype=z.dtype, device=z.device))
+        gate = gate * finite.to(gate.dtype)
+    return C, gate, z
+
+
+def lion_meta_update(
+    L: Tensor,
+    MB: Tensor,
+    C: Tensor,
+    z: Tensor,
+    okf: Tensor,
+    numbers: tuple[float, ...] | Tensor,
+    last: float | Tensor | None,
+    skip: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Lion meta step on stacked log step sizes; returns the new (L, m_bar, C). `numbers`, `last`:
+    :func:`meta_numbers`, as host floats (eager) or as tensors (a 1-d one of L's dtype and a 0-d float64 one:
+    the compiled meta program, ``_fused.meta_program``, one program whatever the group's values). Both give the
+    same bits: a host float meets a tensor as that float in the tensor's dtype (tests/test_fused.py checks it)."""
+    b1, c2, up, down, lo, hi = numbers
+    C, gate, z = _meta_gate(C, okf, last, z, skip)
+    ok = gate.to(L.dtype)
+    # lerps as a + w (b - a), which the compiled program computes to the same bits (torch.lerp's CPU kernel fuses
+    # a multiply-add, compiled code does not)
+    upd = torch.sign(lerp(z, MB, b1))  # sign(c_bar * m_bar + (1 - c_bar) * z)
+    L = L - (_rate(up, down, upd) * ok) * upd
+    MB = lerp(MB, z, ok * c2)
+    return L.clamp(lo, hi), MB, C
 
 
 def meta_update(
@@ -535,27 +644,22 @@ def meta_update(
     """One meta step on stacked log step sizes (Algorithm 3 step 4); returns the new values. With the guard, a
     block whose meta-gradient is not finite (the grads are: a trace or a sum beyond the float range) keeps its step
     size and meta state for this step (docs/design.md step 6)."""
-    lo, hi = group["log_step_bounds"]
-    b1, b2 = group["meta_betas"]
-    C, gate = meta_gate(group, C, okf)
-    if group["skip_nonfinite"]:
-        finite = torch.isfinite(z)
-        z = torch.where(finite, z, torch.zeros((), dtype=z.dtype, device=z.device))
-        gate = gate * finite.to(gate.dtype)
-    ok = gate.to(L.dtype)
+    numbers, last = meta_numbers(group)
     if group["meta"] == "lion":
-        upd = torch.sign(torch.lerp(z, MB, b1))  # sign(c_bar * m_bar + (1 - c_bar) * z)
-        L = L - (_rate(group, upd) * ok) * upd
-        MB = torch.lerp(MB, z, ok * (1 - b2))
-    else:
-        S = S + gate.to(S.dtype)
-        MB = torch.lerp(MB, z, ok * (1 - b1))
-        VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z * ok
-        s = S.to(torch.float64).clamp(min=1)  # bias corrections in float64 (0.999 is not a float32)
-        m_hat = MB / (1 - torch.pow(b1, s)).to(L.dtype)
-        v_hat = VB / (1 - torch.pow(b2, s)).to(L.dtype)
-        d = m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
-        L = L - (_rate(group, d) * ok) * d
+        L, MB, C = lion_meta_update(L, MB, C, z, okf, numbers, last, group["skip_nonfinite"])
+        return L, MB, VB, S, C
+    _, _, up, down, lo, hi = numbers
+    b1, b2 = group["meta_betas"]
+    C, gate, z = _meta_gate(C, okf, last, z, group["skip_nonfinite"])
+    ok = gate.to(L.dtype)
+    S = S + gate.to(S.dtype)
+    MB = torch.lerp(MB, z, ok * (1 - b1))
+    VB = VB * (1 - ok * (1 - b2)) + (1 - b2) * z * z * ok
+    s = S.to(torch.float64).clamp(min=1)  # bias corrections in float64 (0.999 is not a float32)
+    m_hat = MB / (1 - torch.pow(b1, s)).to(L.dtype)
+    v_hat = VB / (1 - torch.pow(b2, s)).to(L.dtype)
+    d = m_hat / (torch.sqrt(v_hat) + group["meta_eps"])
+    L = L - (_rate(up, down, d) * ok) * d
     return L.clamp(lo, hi), MB, VB, S, C
 
 
@@ -566,9 +670,11 @@ def meta_step_shared(
     z: Tensor,
     okf: Tensor,
     sts: list[dict[str, Tensor]] | None = None,
+    update: Callable[..., tuple] | None = None,
 ) -> None:
     """Meta step for 0-d log step sizes (scalar / block / tensor): stacked, updated, written back. `sts`: the members'
-    state dicts where the caller has them (else looked up in `state`)."""
+    state dicts where the caller has them (else looked up in `state`). `update`: :func:`meta_update` (the default)
+    or the same function compiled (``_fused.meta_program``, the compiled step's)."""
     if sts is None:
         sts = [state[p] for p in members]
     adam = group["meta"] == "adam"
@@ -591,7 +697,8 @@ def meta_step_shared(
     z = z.to(device=dev, dtype=dt)
     if z.dim() == 0:
         z = z.expand(len(members))
-    L, MB, VB, S, C = meta_update(L, MB, VB, S, C, z, okf.to(dev), group)  # new tensors: the state is written below
+    update = meta_update if update is None else update
+    L, MB, VB, S, C = update(L, MB, VB, S, C, z, okf.to(dev), group)  # new tensors: the state is written below
     for dst, src in ((Ls, L), (MBs, MB), (Cs, C)):
         copy0(dst, src)
     if adam:

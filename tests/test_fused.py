@@ -342,7 +342,7 @@ def test_default_prepares_the_kernel_the_step_runs_for_low_precision_params(monk
     opt = MetaOptimize(model.parameters(), lr=1e-2)
     _train(model, opt, 2)
     assert opt._auto_fused is True
-    assert [k[1] for k in _fused._RUNNERS] == [
+    assert [k[1] for k in _fused._RUNNERS if k[0] != "meta"] == [
         ("torch.bfloat16", "torch.bfloat16", "torch.float32", "torch.bfloat16", "torch.bfloat16")
     ]
 
@@ -424,7 +424,87 @@ def test_compiled_kernel_runs_on_the_intra_op_threads(tmp_path, monkeypatch):
         _train(model, MetaOptimize(model.parameters(), lr=1e-2, fused=True), 1)
     finally:
         torch.set_num_threads(threads)
-    (package,) = _fused.cache_dir().glob("*.pt2")
-    with zipfile.ZipFile(package) as z:
+    (key,) = [k for k in _fused._RUNNERS if k[0] != "meta"]  # the chunk kernel (the meta program is serial)
+    with zipfile.ZipFile(_fused.package_path(key)) as z:
         kernel = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
     assert "#pragma omp" in kernel
+
+
+# (dtype, guard): the meta program's variants a test compiles (~10 s each); the group's values are inputs, so each
+# variant runs on several groups below without compiling again
+META_VARIANTS = [(torch.float32, True), (torch.float32, False), (torch.float64, True)]
+# (total_steps, cooldown, meta_asymmetry, meta_lr, meta_betas, log_step_bounds)
+META_GROUPS = [
+    (None, 0.2, 1.5, 0.02, (0.9, 0.99), (-14.0, 14.0)),
+    (100, 0.3, 1.0, 0.0123, (0.95, 0.999), (-14.0, 14.0)),
+    (75, 0.25, 2.0, 0.3, (0.0, 0.9), (-0.5, 0.7)),
+]
+
+
+@pytest.mark.parametrize("dtype,guard", META_VARIANTS)
+def test_meta_program_gives_the_eager_bits(dtype, guard):
+    """The compiled step runs the 0-d Lion meta step as one compiled program (``_fused.meta_program``), the group's
+    numbers its inputs. It must give the same bits as ``rules.meta_update``, which runs in its place where the
+    program does not compile: which one ran must change no number. A non-finite meta-gradient, a skipped step,
+    members in the cooldown and members at the bounds are in it, and groups differing in every meta setting share
+    the one program."""
+    from hf_metaoptimize import _fused
+    from hf_metaoptimize.rules import meta_update
+
+    gen = torch.Generator().manual_seed(0)
+    for total, cooldown, asym, eta, betas, bounds in META_GROUPS:
+        group = dict(
+            meta="lion",
+            meta_betas=betas,
+            meta_lr=eta,
+            meta_asymmetry=asym,
+            init_multiplier=0.1,
+            log_step_bounds=bounds,
+            meta_eps=1e-8,
+            total_steps=total,
+            cooldown=cooldown,
+            skip_nonfinite=guard,
+        )
+        for okf in (1.0, 0.0):
+            n = 37
+            L, MB = torch.randn(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype) * 1e-3
+            C = torch.randint(50, 90, (n,), generator=gen).float()
+            z = torch.randn(n, generator=gen, dtype=dtype) * 1e-3
+            if guard:
+                z[5] = float("nan")
+            ok = torch.tensor(okf, dtype=dtype)
+            eager = meta_update(L, MB, None, None, C, z, ok, group)
+            compiled = _fused.meta_program(L, MB, None, None, C, z, ok, group)
+            for a, b in zip(eager, compiled):
+                assert (a is None and b is None) or torch.equal(a, b)
+            if okf and bounds[0] > -1:  # the bounds bind: some members sit on them
+                assert (eager[0] == bounds[0]).any() and (eager[0] == bounds[1]).any()
+    programs = [k for k in _fused._RUNNERS if k[0] == "meta" and k[1] == guard and str(dtype) in k[2]]
+    assert len(programs) == 1, programs
+
+
+def test_meta_program_that_does_not_compile_runs_eagerly(monkeypatch, caplog):
+    """A machine where the kernel compiles but the meta program does not: said once, the eager function runs, the
+    step is the same."""
+    from hf_metaoptimize import _fused
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler for this one")
+
+    kw = dict(lr=1e-2, granularity="tensor", meta_lr=1e-2, weight_decay=0.1, fused=True)
+    ref_model = _model()
+    ref = MetaOptimize(ref_model.parameters(), **kw)
+    _train(ref_model, ref, 4)
+    monkeypatch.setattr(_fused, "_package", broken)
+    monkeypatch.setattr(_fused, "_RUNNERS", {k: v for k, v in _fused._RUNNERS.items() if k[0] != "meta"})
+    monkeypatch.setattr(_fused, "_META_FAILED", set())
+    monkeypatch.setenv("HF_METAOPTIMIZE_CACHE", "/nonexistent-cache-for-this-test")
+    model = _model()
+    opt = MetaOptimize(model.parameters(), **kw)
+    with caplog.at_level("WARNING", logger="hf_metaoptimize"):
+        _train(model, opt, 4)
+    assert sum("compiled meta step is not available" in r.getMessage() for r in caplog.records) == 1
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, ref.state[q][k]), k

@@ -507,3 +507,33 @@ def test_the_step_layout_kept_between_steps_follows_every_edit(edit, fused):
         assert oa.state[p].keys() == ob.state[q].keys()
         for k, v in oa.state[p].items():
             assert torch.equal(v, ob.state[q][k]), k
+
+
+@pytest.mark.parametrize("gran", ["scalar", "tensor"])
+def test_groups_of_one_layout_keep_their_own_grads_through_the_guard(gran):
+    """The guard's norms fill the foreach step's flat workspace of each bucket (the copy it makes anyway). Groups
+    whose tensors have the same shapes share one workspace buffer; each must still step on its own grads, also on a
+    skipped step: held to the float64 reference."""
+    from hf_metaoptimize.reference import MetaOptimizeReference
+
+    def groups(params):
+        return [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}]
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(5, 3), (3,), (5, 3), (3,)]]
+    fast = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = MetaOptimize(groups(fast), granularity=gran, meta_lr=1e-2, foreach=True)
+    ref_opt = MetaOptimizeReference(groups(ref), granularity=gran, meta_lr=1e-2)
+    for t in range(12):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in init]
+        if t == 5:
+            grads[3][1] = float("nan")
+        for params, o in ((fast, opt), (ref, ref_opt)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            o.step()
+    for p, q in zip(fast, ref):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        for k, v in ref_opt.state[q].items():
+            torch.testing.assert_close(opt.state[p][k].double(), v.double(), rtol=1e-10, atol=1e-12, msg=k)
