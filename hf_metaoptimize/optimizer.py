@@ -41,6 +41,7 @@ from .rules import (
     meta_step_shared,
     norm_layout,
     packed,
+    sum_norms,
     wide_dtype,
 )
 from .spec import (
@@ -966,9 +967,7 @@ class _Plan:
         if rest:
             layout = self.get(("norms", tuple(map(id, buckets))), lambda: norm_layout(rest))
             parts.append(grad_norms(rest, layout))
-        home, wide = parts[-1].device, torch.promote_types(parts[-1].dtype, torch.float32)
-        parts = [t.to(device=home, dtype=wide) for t in parts]
-        return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()), filled
+        return sum_norms(parts), filled
 
     def complete(
         self, zvec: Tensor | None, norm: Tensor | None, index: Callable[[tuple, Any], Tensor]

@@ -306,15 +306,20 @@ def grad_norms(grads: list[Tensor], layout: list[tuple[list[int], list[int]]] | 
     :func:`norm_layout` of grads like these, where the caller keeps it."""
     grads = [_local(g) for g in grads]
     layout = norm_layout(grads) if layout is None else layout
-    home = grads[0].device
-    firsts = [grads[(flat or rest)[0]] for flat, rest in layout]  # one per (device, dtype) bucket
-    wide = torch.float64 if any(g.dtype == torch.float64 for g in firsts) else torch.float32
     parts = []
     for flat, rest in layout:
         if flat:
             parts.append(torch.linalg.vector_norm(torch._C._nn.flatten_dense_tensors([grads[i] for i in flat])))
         if rest:
             parts.append(torch.stack(torch._foreach_norm([grads[i] for i in rest], 2)).sum())
+    return sum_norms(parts)
+
+
+def sum_norms(parts: list[Tensor]) -> Tensor:
+    """The guard's total of 0-d partial norms: on the first one's device, in float64 if any of them is, else in
+    float32 (low-precision norms widened)."""
+    home = parts[0].device
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in parts) else torch.float32
     parts = [t.to(device=home, dtype=wide) for t in parts]
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
@@ -328,10 +333,10 @@ def norm_layout(grads: list[Tensor]) -> list[tuple[list[int], list[int]]]:
         buckets.setdefault((g.device, g.dtype), []).append(i)
     out = []
     for (device, _), idx in buckets.items():
-        flat = [i for i in idx if device.type == "cpu" and _local(grads[i]).numel() < NORM_FLAT_MAX]
-        if len(flat) < 2:
-            flat = []
-        out.append((flat, [i for i in idx if i not in set(flat)]))
+        small = {i for i in idx if device.type == "cpu" and _local(grads[i]).numel() < NORM_FLAT_MAX}
+        if len(small) < 2:
+            small = set()
+        out.append(([i for i in idx if i in small], [i for i in idx if i not in small]))
     return out
 
 
@@ -566,7 +571,7 @@ def cooldown_scale(group: dict[str, Any], t: Tensor) -> Tensor | None:
 
 def meta_gate(group: dict[str, Any], C: Tensor, okf: Tensor) -> tuple[Tensor, Tensor]:
     """(new block step counts C + ok, the meta step's 0/1 gate): ok, and 0 during the cooldown."""
-    C, gate, _ = _meta_gate(C, okf, meta_numbers(group)[1], okf, False)
+    C, gate, _ = _meta_gate(C, okf, meta_numbers(group)[1], None, False)
     return C, gate
 
 
@@ -593,10 +598,11 @@ def meta_numbers(group: dict[str, Any]) -> tuple[tuple[float, ...], float | None
 
 
 def _meta_gate(
-    C: Tensor, okf: Tensor, last: float | Tensor | None, z: Tensor, skip: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    C: Tensor, okf: Tensor, last: float | Tensor | None, z: Tensor | None, skip: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(C + ok, the meta step's 0/1 gate, z): the gate is ok, 0 past the block step count `last` (the cooldown),
-    and with the guard (`skip`) 0 where z is not finite, which is then read as 0 (docs/design.md step 6)."""
+    and with the guard (`skip`) 0 where z is not finite, which is then read as 0 (docs/design.md step 6). `z` is
+    only read with `skip`."""
     C = C + okf.to(C.dtype)
     gate = okf if last is None else okf * (C.to(torch.float64) <= last).to(okf.dtype)
     if skip:
