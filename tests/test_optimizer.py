@@ -537,3 +537,30 @@ def test_groups_of_one_layout_keep_their_own_grads_through_the_guard(gran):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
         for k, v in ref_opt.state[q].items():
             torch.testing.assert_close(opt.state[p][k].double(), v.double(), rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("bad", [None, "small", "large", "float64"])
+def test_guard_norms_are_the_sum_of_the_grads_norms_in_every_grouping(bad):
+    """The guard's input (``rules.grad_norms``) groups grads by (device, dtype) and, on CPU, norms the tensors under
+    NORM_FLAT_MAX weights from one flat copy and the others one by one: whatever the grouping, the result is a sum of
+    2-norms of parts of the grads (float64 where a grad is), so between the norm of all of them together and the sum
+    of their norms, and not finite as soon as one entry of any grad is."""
+    from hf_metaoptimize import rules
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, rules.NORM_FLAT_MAX - 1, 7, rules.NORM_FLAT_MAX, 2 * rules.NORM_FLAT_MAX]
+    grads = [torch.randn(n, generator=gen) for n in sizes] + [torch.randn(5, 2, generator=gen, dtype=torch.float64)]
+    layout = rules.norm_layout(grads)
+    flat = [i for f, _ in layout for i in f]
+    assert sorted(flat) == [0, 1, 2] and len(layout) == 2  # two small float32 tensors and more go flat
+    where = {"small": 1, "large": 4, "float64": 5}.get(bad)
+    if where is not None:
+        grads[where].view(-1)[-1] = float("inf")
+    got = rules.grad_norms(grads, layout)
+    assert got.dtype == torch.float64
+    if bad is None:
+        each = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+        assert torch.linalg.vector_norm(each) * (1 - 1e-6) <= got <= each.sum() * (1 + 1e-6)
+        assert got < each.sum() * (1 - 1e-3)  # the small ones were normed together
+    else:
+        assert not torch.isfinite(got)
