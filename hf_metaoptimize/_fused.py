@@ -365,6 +365,10 @@ def _in_order(z: Tensor | None, tiny_z: list[Tensor], tiny: list[int], n: int) -
     return torch.empty_like(zcat).index_copy_(0, _order(n, tuple(tiny), zcat.device), zcat)
 
 
+#: At most this many buckets' kernel inputs are kept per optimizer (:func:`_gather`); more layouts start over.
+BUCKET_INPUTS = 8
+
+
 def _gather(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -375,7 +379,18 @@ def _gather(
     copies: list[tuple[Tensor, Tensor]],
 ) -> tuple[list[list[Tensor]], list[int]]:
     """Each compiled tensor's kernel inputs ``[p, g, *slots]`` (:func:`_kernel_inputs`) and the positions of the
-    tensors of one weight (run uncompiled)."""
+    tensors of one weight (run uncompiled).
+
+    With `views` (the optimizer's cache), a bucket whose tensors are all contiguous is also kept whole: the next
+    step checks the addresses of every param and state tensor in one comparison of two lists (a cached view keeps
+    its storage alive, so equal addresses mean the same memory: :func:`_kernel_inputs`) and the grads' sizes, and
+    makes only the grads' flat views, instead of ~5 us of checks per tensor."""
+    key = None
+    if views is not None:
+        key = ("inputs", slots, tuple(map(id, params)) if keys is None else tuple(keys))
+        hit = _cached_inputs(views.get(key), params, grads, states, slots)
+        if hit is not None:
+            return hit
     items: list[list[Tensor]] = []
     tiny: list[int] = []
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
@@ -383,7 +398,45 @@ def _gather(
             tiny.append(i)
             continue
         items.append(_kernel_inputs(p, g, st, slots, copies, views, id(p) if keys is None else keys[i]))
+    if key is not None and not copies:
+        kept = [k for k in views if isinstance(k, tuple) and k[0] == "inputs"]
+        if len(kept) >= BUCKET_INPUTS:
+            for k in kept:
+                del views[k]
+        bodies = [[item[0], *item[2:]] for item in items]
+        views[key] = (_addresses(params, states, slots), [item[1].numel() for item in items], bodies, tiny)
     return items, tiny
+
+
+def _addresses(params: Sequence[Tensor], states: Sequence[dict[str, Tensor]], slots: tuple[str, ...]) -> list[int]:
+    """The data addresses of the params, then of each slot's state tensors, in one list."""
+    ts = list(params)
+    for k in slots:
+        ts.extend([st[k] for st in states])
+    return list(map(Tensor.data_ptr, ts))
+
+
+def _cached_inputs(
+    hit: Any,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Tensor]],
+    slots: tuple[str, ...],
+) -> tuple[list[list[Tensor]], list[int]] | None:
+    """:func:`_gather`'s result from a bucket's cached entry, or None where any tensor moved or changed size (or a
+    grad is not contiguous): then the bucket is gathered tensor by tensor again."""
+    if hit is None:
+        return None
+    ptrs, numels, bodies, tiny = hit
+    if _addresses(params, states, slots) != ptrs:
+        return None
+    if tiny:
+        skip = set(tiny)
+        grads = [g for i, g in enumerate(grads) if i not in skip]
+    flat = [g if g.dim() == 1 else g.reshape(-1) for g in grads]
+    if list(map(Tensor.numel, flat)) != numels or not all(map(Tensor.is_contiguous, flat)):
+        return None
+    return [[b[0], g, *b[1:]] for b, g in zip(bodies, flat)], tiny
 
 
 def _run(fn, flat: list[Tensor]):

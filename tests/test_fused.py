@@ -372,6 +372,46 @@ def test_fused_kernel_follows_replaced_storage(replace):
             assert torch.equal(v, opt_edit.state[q][k]), k
 
 
+def test_fused_bucket_inputs_are_reused_and_follow_grad_layouts(monkeypatch):
+    """The compiled step keeps each bucket's kernel inputs whole between steps: a step whose tensors are where they
+    were makes no per-tensor inputs. Grads that arrive in another layout are still read right: a transposed 2-D grad
+    through a flat copy, a strided 1-D grad by gathering the bucket tensor by tensor for that step; the results are
+    those of the foreach path."""
+    from hf_metaoptimize import _fused
+
+    kw = dict(lr=1e-2, granularity="tensor", meta_lr=1e-2, weight_decay=0.1)
+    runs = {}
+    for fused in (True, False):
+        model = _model()
+        opt = MetaOptimize(model.parameters(), fused=fused, foreach=None if fused else True, **kw)
+        _train(model, opt, 2)
+        runs[fused] = (model, opt)
+    calls = []
+    real = _fused._kernel_inputs
+    monkeypatch.setattr(_fused, "_kernel_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _train(runs[True][0], runs[True][1], 1, seed=2)
+    assert calls == []  # every input came from the bucket's entry
+    _train(runs[False][0], runs[False][1], 1, seed=2)
+    for model, opt in runs.values():
+        gen = torch.Generator().manual_seed(7)
+        for t in range(3):
+            for p in model.parameters():
+                if t == 1 and p.dim() == 2:
+                    p.grad = torch.randn(p.shape[::-1], generator=gen).t()  # transposed
+                elif t == 2 and p.dim() == 1:
+                    p.grad = torch.randn(2 * p.numel(), generator=gen)[::2]  # strided
+                else:
+                    p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        _train(model, opt, 2, seed=3)
+    assert calls  # the strided grads' step was gathered tensor by tensor
+    (a, oa), (b, ob) = runs[True], runs[False]
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for k, v in oa.state[p].items():
+            torch.testing.assert_close(v, ob.state[q][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def io_roundtrip(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
