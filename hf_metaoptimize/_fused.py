@@ -365,8 +365,9 @@ def _in_order(z: Tensor | None, tiny_z: list[Tensor], tiny: list[int], n: int) -
     return torch.empty_like(zcat).index_copy_(0, _order(n, tuple(tiny), zcat.device), zcat)
 
 
-#: At most this many buckets' kernel inputs are kept per optimizer (:func:`_gather`); more layouts start over.
-BUCKET_INPUTS = 8
+#: At most this many buckets' kernel inputs are kept per optimizer (:func:`_gather`); more layouts start over. A
+#: step has a few buckets, DeepSpeed ZeRO one per partition group (each step() call steps one): room for both.
+BUCKET_INPUTS = 64
 
 
 def _gather(
