@@ -24,6 +24,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from optim_cases import (
     CASES,
     ERROR_INPUTS,
@@ -170,9 +171,23 @@ class _HostSync(AssertionError):
     pass
 
 
+class _NoValueReads(TorchDispatchMode):
+    """Raises on the aten ops that copy a tensor's value to the host, also where C++ calls them: torch's argument
+    parser calls ``item()`` on a 0-d tensor passed where an op expects a Scalar (``torch._foreach_lerp_(xs, ys, w)``),
+    which no Python-level patch sees."""
+
+    READS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.is_nonzero)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.READS:
+            raise _HostSync(f"host read of a tensor value: {func}")
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture
 def forbid_host_reads(monkeypatch):
-    """Inside the `with` block, reading a tensor's value on the host (item, bool, float, tolist, numpy, ...) raises.
+    """Inside the `with` block, reading a tensor's value on the host (item, bool, float, tolist, numpy, ..., and the
+    same reads made by C++, see :class:`_NoValueReads`) raises.
 
     On CPU nothing is a real device sync, but every such read in step() would be one on a GPU, and so would Python
     branching on a tensor value (it goes through __bool__)."""
@@ -186,7 +201,7 @@ def forbid_host_reads(monkeypatch):
 
     @contextlib.contextmanager
     def guard():
-        with monkeypatch.context() as m:
+        with monkeypatch.context() as m, _NoValueReads():
             for n in names:
                 m.setattr(torch.Tensor, n, forbid(n))
             yield
@@ -226,6 +241,15 @@ def test_host_read_guard_catches_a_read(forbid_host_reads):
     with forbid_host_reads(), pytest.raises(_HostSync):
         if t > 0:
             pass
+    # made in C++: a 0-d tensor where the op takes a Scalar is converted with item()
+    xs, ys = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
+    with forbid_host_reads(), pytest.raises(_HostSync, match="_local_scalar_dense"):
+        torch._foreach_lerp_(xs, ys, t * 0.5)
+    with forbid_host_reads(), pytest.raises(_HostSync, match="_local_scalar_dense"):
+        torch._foreach_add_(xs, t)
+    with forbid_host_reads():  # the forms the step uses: the weight as a list, the Tensor overload of add
+        torch._foreach_lerp_(xs, ys, [t * 0.5] * 2)
+        torch._foreach_add_(xs, t, alpha=1)
 
 
 # ---------------------------------------------------------------- refused inputs
