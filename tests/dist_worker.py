@@ -3,7 +3,8 @@
 Run with ``torchrun --nproc_per_node 2 tests/dist_worker.py --backend fsdp2 --granularity scalar --out DIR``
 (CPU, gloo). Every rank trains the same model on its half of each global batch; rank 0 also trains the
 same model in one process on the whole batch, and every rank checks weights and learned step sizes against
-it. Exit status 0 means equal within float32 tolerance; also checks that replicated optimizer state is
+it. Exit status 0 means equal within float32 tolerance; also checks that the data-parallel step() reads no
+tensor value on the host, that replicated optimizer state is
 identical on every rank, and that a checkpoint resumes exactly: DDP through torch.save of the state_dicts,
 FSDP2 through a sharded torch.distributed.checkpoint.
 """
@@ -17,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _host_reads import ValueReads
 
 from hf_metaoptimize import MetaOptimize
 from hf_metaoptimize.distributed import shutdown
@@ -65,6 +67,11 @@ def make_opt(model, granularity):
 BF16 = False  # --bf16: forward under torch.autocast(bfloat16), on every rank and in the reference
 
 
+#: Host reads of tensor values inside the data-parallel runs' step() calls (tests/_host_reads.py): each would be a
+#: device sync on a GPU; the DDP / FSDP2 paths (collectives, DTensor shards) must make none.
+HOST_READS: list[str] = []
+
+
 def train(model, opt, data, rank: int, world: int, dp: bool):
     for x, y in data:
         if dp:
@@ -75,7 +82,12 @@ def train(model, opt, data, rank: int, world: int, dp: bool):
         loss = torch.nn.functional.cross_entropy(out.float(), y)
         opt.zero_grad()
         loss.backward()
-        opt.step()
+        if dp:
+            with ValueReads() as reads:
+                opt.step()
+            HOST_READS.extend(reads.reads)
+        else:
+            opt.step()
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -121,7 +133,7 @@ def main() -> int:
         opt = make_opt(model, args.granularity)
     train(wrapped, opt, batches(args.steps), rank, world, dp=True)
 
-    errors = []
+    errors = [f"step() read tensor values on the host: {sorted(set(HOST_READS))}"] if HOST_READS else []
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         if not torch.allclose(full(p.detach()), q.detach(), **tol):
             errors.append(f"weight {name}: max diff {(full(p.detach()) - q).abs().max().item():.3g}")

@@ -1,7 +1,8 @@
 """Multi-process worker: MetaOptimize under DeepSpeed ZeRO-1/2/3 must match a single-process run.
 
 ``DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/ds_worker.py --stage 2 --granularity block --out DIR``.
-Every rank trains on its half of each global batch through ``deepspeed.initialize``; the result is compared
+Every rank trains on its half of each global batch through ``deepspeed.initialize`` (MetaOptimize's step() reading no
+tensor value on the host); the result is compared
 with plain MetaOptimize on the whole batch in one process (weights; step sizes for scalar/block), then a
 DeepSpeed checkpoint is saved, training continues, and a fresh engine that loads the checkpoint must
 continue bit-identically. Errors go to DIR/rankN.json; exit status 0 means all held.
@@ -45,6 +46,20 @@ def engine_for(model, granularity, stage, world, one_call=False):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world))
     attach(engine)
     return engine, opt
+
+
+def watch_reads(opt):
+    """Record the host reads of tensor values made inside `opt`'s step() (DeepSpeed calls it once per partition) in
+    ``dist_worker.HOST_READS``: each would be a device sync on a GPU."""
+    step = opt.step
+
+    def watched(*args, **kwargs):
+        with dist_worker.ValueReads() as reads:
+            out = step(*args, **kwargs)
+        dist_worker.HOST_READS.extend(reads.reads)
+        return out
+
+    opt.step = watched
 
 
 def train(engine, data, rank, world):
@@ -94,6 +109,7 @@ def main() -> int:
         ref_opt.step()
 
     engine, opt = engine_for(build_model(), args.granularity, args.stage, world)
+    watch_reads(opt)
     train(engine, batches(args.steps), rank, world)
     for a, b in zip(weights(engine, args.stage), ref.parameters()):
         if not torch.allclose(a, b.detach(), rtol=1e-4, atol=1e-6):
@@ -124,7 +140,10 @@ def main() -> int:
     train(engine, more, rank, world)
     engine2, opt2 = engine_for(build_model(seed=7), args.granularity, args.stage, world, one_call=True)
     engine2.load_checkpoint(ckpt, tag="t")
+    watch_reads(opt2)
     train(engine2, more, rank, world)
+    if dist_worker.HOST_READS:
+        errors.append(f"step() read tensor values on the host: {sorted(set(dist_worker.HOST_READS))}")
     for a, b in zip(weights(engine, args.stage), weights(engine2, args.stage)):
         if not torch.equal(a, b):
             errors.append(f"resumed run differs: {(a - b).abs().max().item():.3g}")

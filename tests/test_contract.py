@@ -24,7 +24,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from _host_reads import HostRead, ValueReads
 from optim_cases import (
     CASES,
     ERROR_INPUTS,
@@ -167,27 +167,10 @@ def test_state_dict_resume_is_bit_identical(case):
 
 
 # ---------------------------------------------------------------- no host reads in step()
-class _HostSync(AssertionError):
-    pass
-
-
-class _NoValueReads(TorchDispatchMode):
-    """Raises on the aten ops that copy a tensor's value to the host, also where C++ calls them: torch's argument
-    parser calls ``item()`` on a 0-d tensor passed where an op expects a Scalar (``torch._foreach_lerp_(xs, ys, w)``),
-    which no Python-level patch sees."""
-
-    READS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.is_nonzero)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in self.READS:
-            raise _HostSync(f"host read of a tensor value: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
 def forbid_host_reads(monkeypatch):
     """Inside the `with` block, reading a tensor's value on the host (item, bool, float, tolist, numpy, ..., and the
-    same reads made by C++, see :class:`_NoValueReads`) raises.
+    same reads made by C++, see tests/_host_reads.py) raises.
 
     On CPU nothing is a real device sync, but every such read in step() would be one on a GPU, and so would Python
     branching on a tensor value (it goes through __bool__)."""
@@ -195,13 +178,13 @@ def forbid_host_reads(monkeypatch):
 
     def forbid(name):
         def raiser(self, *a, **k):
-            raise _HostSync(f"host read of a tensor value: Tensor.{name}")
+            raise HostRead(f"host read of a tensor value: Tensor.{name}")
 
         return raiser
 
     @contextlib.contextmanager
     def guard():
-        with monkeypatch.context() as m, _NoValueReads():
+        with monkeypatch.context() as m, ValueReads(strict=True):
             for n in names:
                 m.setattr(torch.Tensor, n, forbid(n))
             yield
@@ -238,14 +221,14 @@ def test_step_reads_no_tensor_value_on_the_host(case, dtype, fused, forbid_host_
 
 def test_host_read_guard_catches_a_read(forbid_host_reads):
     t = torch.ones(())
-    with forbid_host_reads(), pytest.raises(_HostSync):
+    with forbid_host_reads(), pytest.raises(HostRead):
         if t > 0:
             pass
     # made in C++: a 0-d tensor where the op takes a Scalar is converted with item()
     xs, ys = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
-    with forbid_host_reads(), pytest.raises(_HostSync, match="_local_scalar_dense"):
+    with forbid_host_reads(), pytest.raises(HostRead, match="_local_scalar_dense"):
         torch._foreach_lerp_(xs, ys, t * 0.5)
-    with forbid_host_reads(), pytest.raises(_HostSync, match="_local_scalar_dense"):
+    with forbid_host_reads(), pytest.raises(HostRead, match="_local_scalar_dense"):
         torch._foreach_add_(xs, t)
     with forbid_host_reads():  # the forms the step uses: the weight as a list, the Tensor overload of add
         torch._foreach_lerp_(xs, ys, [t * 0.5] * 2)
