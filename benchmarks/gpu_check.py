@@ -19,6 +19,12 @@ Checks (each in its own process, each with a timeout, all results in OUT/gpu_che
   ``(foreach=True)``, each in the transformer layout and split into >= 300 tensors, bf16 params: every
   MetaOptimize row at ~100M weights, and the default (automatic: the compiled step), ``fused=True`` and
   element granularity at ~1B weights (the first step's time is the kernel's compile; it is reported apart).
+- ``no_sync``: ``step()`` under ``torch.cuda.set_sync_debug_mode("error")`` (any synchronizing CUDA call raises: a
+  tensor value read on the host, a blocking copy) on the foreach and the compiled paths, shared and element step
+  sizes, bf16 params, two groups differing in weight decay; after two warm-up steps (lazy state, the compile, the
+  cached index and row tensors are made once), three steps of which one has a NaN gradient (the guard's skipped
+  step). On CPU the same reads are checked at the dispatcher by tests/test_contract.py. (``--cpu``: the same
+  steps, no sync mode.)
 - ``trainer_step``: ``benchmarks/bench_trainer_step.py`` on the GPU: the Trainer step of a small Llama (bf16
   autocast, random token windows) with ``--optim metaoptimize`` (scalar / layer / tensor, and ``fused=True``)
   against ``--optim adamw_torch_fused`` and ``adamw_torch``. (``--cpu``: one short round on CPU.)
@@ -39,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("overflow", "fsdp2_resume", "ds_zero2_bf16", "step", "trainer_step")
+CHECKS = ("overflow", "fsdp2_resume", "ds_zero2_bf16", "no_sync", "step", "trainer_step")
 TRAIN_ARGS = [
     "--optim",
     "metaoptimize",
@@ -276,6 +282,53 @@ def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
         "losses": [logs[s]["loss"] for s in sorted(logs)],
         "last_step_sizes": {k: last[k] for k in last if k.startswith("step_size")},
     }
+
+
+#: (name, MetaOptimize keyword arguments) of the no_sync check
+NO_SYNC_CONFIGS = (
+    ("foreach scalar", dict(fused=False)),
+    ("foreach element", dict(fused=False, granularity="element")),
+    ("foreach lion tensor", dict(fused=False, base="lion", granularity="tensor")),
+    ("fused scalar", dict(fused=True)),
+    ("fused element", dict(fused=True, granularity="element")),
+)
+
+
+def check_no_sync(out: Path, cpu: bool) -> dict:
+    import torch
+
+    from hf_metaoptimize import MetaOptimize
+
+    device = "cpu" if cpu else "cuda"
+    shapes = [(256, 64), (64,), (64, 64), (64,), (1000, 64), (8, 8, 3)]
+    results, ok = {}, True
+    for name, kw in NO_SYNC_CONFIGS:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, device=device, dtype=torch.bfloat16) * 0.02) for s in shapes]
+        groups = [{"params": ps[::2], "weight_decay": 0.1}, {"params": ps[1::2], "weight_decay": 0.0}]
+        opt = MetaOptimize(groups, lr=1e-3, **kw)
+
+        try:
+            for t in range(5):
+                if t == 2 and not cpu:  # after the warm-up (lazy state, the compile, the kept index / row tensors)
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                for p in ps:
+                    p.grad = torch.randn_like(p) * 1e-2
+                if t == 3:  # the guard's skipped step
+                    ps[0].grad[0, 0] = float("nan")
+                opt.step()
+        except Exception as e:  # noqa: BLE001 - a sync raises here; report it and go on with the next config
+            results[name], ok = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}, False
+            continue
+        finally:
+            if not cpu:
+                torch.cuda.set_sync_debug_mode(0)
+        skipped = float(opt.state[ps[0]]["nonfinite_steps"])
+        finite = all(bool(torch.isfinite(p).all()) for p in ps)
+        results[name] = {"ok": skipped == 1.0 and finite, "nonfinite_steps": skipped, "finite": finite}
+        ok = ok and results[name]["ok"]
+    return {"ok": ok, "sync_mode": not cpu, **results}
 
 
 def check_step(out: Path, cpu: bool) -> dict:
