@@ -283,10 +283,10 @@ def add0_(ts: list[Tensor], value: Tensor) -> None:
     elif value.dim():
         torch._foreach_add_(ts, list(value.unbind(0)))
     else:
-        torch._foreach_add_(ts, value, alpha=1)  # `alpha` picks the Tensor overload (see :func:`lerp_`)
+        torch._foreach_add_(ts, value, alpha=1)  # `alpha` picks the Tensor overload (see :func:`foreach_lerp_`)
 
 
-def lerp_(xs: list[Tensor], ys: list[Tensor], w: Tensor) -> None:
+def foreach_lerp_(xs: list[Tensor], ys: list[Tensor], w: Tensor) -> None:
     """``xs[i] = lerp(xs[i], ys[i], w)`` in place for a 0-d tensor weight `w` (the step's flag times a rate), which is
     never read on the host. Passed as it is, `w` binds to the Scalar overload of ``torch._foreach_lerp_``, whose
     argument parser converts it with ``item()``: a device sync on a GPU at every step. As a list (one broadcast
@@ -503,7 +503,7 @@ def foreach_base_step(
     if base in ("adamw", "rmsprop"):
         b2 = betas[-1]
         if base == "adamw":
-            lerp_(M, grads, ok * (1 - betas[0]))
+            foreach_lerp_(M, grads, ok * (1 - betas[0]))
         torch._foreach_mul_(V, 1 - ok * (1 - b2))
         torch._foreach_addcmul_(V, grads, grads, value=1 - b2)
         t = stack0(steps).to(torch.float64, copy=True).clamp_(min=1)  # bias corrections in float64
@@ -525,14 +525,14 @@ def foreach_base_step(
         else:
             torch._foreach_mul_(U, list((Avec * scale).unbind(0)))
     elif base == "sgd":
-        lerp_(M, grads, ok * (1 - betas[0]))
+        foreach_lerp_(M, grads, ok * (1 - betas[0]))
         U = torch._foreach_mul(M, A)
     else:  # lion
         c, rho = betas
         U = torch._foreach_lerp(grads, M, c)  # c*m + (1-c)*g
         torch._foreach_sign_(U)
         torch._foreach_mul_(U, A)
-        lerp_(M, grads, ok * (1 - rho))
+        foreach_lerp_(M, grads, ok * (1 - rho))
 
     def sub(xs: list[Any], idx: list[int]) -> list[Any]:
         return xs if len(idx) == len(xs) else [xs[i] for i in idx]
@@ -549,7 +549,7 @@ def foreach_base_step(
         if alpha is None:  # element: A is param-shaped, reused in place
             Ak = sub(A, idx)
             torch._foreach_mul_(Ak, gamma * k)
-            torch._foreach_add_(Ak, c0, alpha=1)  # the Tensor overload: no host read of c0 (:func:`lerp_`)
+            torch._foreach_add_(Ak, c0, alpha=1)  # the Tensor overload: no host read of c0 (:func:`foreach_lerp_`)
         else:  # one 0-d number per tensor: two ops on the vector they are elements of, not two per tensor
             Ak = list(((Avec if len(idx) == len(A) else torch.stack(sub(A, idx))) * (gamma * k) + c0).unbind(0))
         for i, a in zip(idx, Ak):
@@ -772,7 +772,7 @@ def foreach_meta_step_element(
         upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z
         torch._foreach_sign_(upd)
         if oks is None:
-            lerp_(MB, z, ok * (1 - b2))
+            foreach_lerp_(MB, z, ok * (1 - b2))
         else:
             for mb, zz, o in zip(MB, z, oks):
                 mb.lerp_(zz, o * (1 - b2))
@@ -780,7 +780,7 @@ def foreach_meta_step_element(
         torch._foreach_add_(L, upd)
     else:
         if oks is None:
-            lerp_(MB, z, ok * (1 - b1))
+            foreach_lerp_(MB, z, ok * (1 - b1))
             torch._foreach_mul_(VB, 1 - ok * (1 - b2))
         else:
             for mb, vb, zz, o in zip(MB, VB, z, oks):
