@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_worker  # noqa: E402
+from _host_reads import ValueReads  # noqa: E402
 from dist_worker import batches, build_model, make_opt  # noqa: E402
 
 from hf_metaoptimize.integrations.deepspeed import attach, initialize  # noqa: E402
@@ -48,15 +49,19 @@ def engine_for(model, granularity, stage, world, one_call=False):
     return engine, opt
 
 
+#: Host reads of tensor values made inside MetaOptimize's step() calls (tests/_host_reads.py)
+HOST_READS: list[str] = []
+
+
 def watch_reads(opt):
     """Record the host reads of tensor values made inside `opt`'s step() (DeepSpeed calls it once per partition) in
-    ``dist_worker.HOST_READS``: each would be a device sync on a GPU."""
+    :data:`HOST_READS`: each would be a device sync on a GPU."""
     step = opt.step
 
     def watched(*args, **kwargs):
-        with dist_worker.ValueReads() as reads:
+        with ValueReads() as reads:
             out = step(*args, **kwargs)
-        dist_worker.HOST_READS.extend(reads.reads)
+        HOST_READS.extend(reads.reads)
         return out
 
     opt.step = watched
@@ -142,8 +147,8 @@ def main() -> int:
     engine2.load_checkpoint(ckpt, tag="t")
     watch_reads(opt2)
     train(engine2, more, rank, world)
-    if dist_worker.HOST_READS:
-        errors.append(f"step() read tensor values on the host: {sorted(set(dist_worker.HOST_READS))}")
+    if HOST_READS:
+        errors.append(f"step() read tensor values on the host: {sorted(set(HOST_READS))}")
     for a, b in zip(weights(engine, args.stage), weights(engine2, args.stage)):
         if not torch.equal(a, b):
             errors.append(f"resumed run differs: {(a - b).abs().max().item():.3g}")
