@@ -220,14 +220,32 @@ def main() -> None:
     ap.add_argument("--model", choices=["gpt2", "llama"], default="gpt2", help="gpt2 (default) or the small Llama")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     ap.add_argument("--synthetic", action="store_true", help="random token windows instead of the plays")
+    ap.add_argument(
+        "--only", default=None, help=f"comma-separated contenders to run (default: all; {ANCHOR} is always run)"
+    )
     a = ap.parse_args()
+    contenders = None
+    if a.only:
+        names = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in CONTENDERS]
+        if unknown:
+            ap.error(f"--only: unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
+        contenders = {n: CONTENDERS[n] for n in CONTENDERS if n in names or n == ANCHOR}
     config = None
     if a.quick:
         from .suites import TASKS
 
         config = TASKS["quick"]["shakespeare"]["config"]
     result = measure(
-        a.rounds, a.steps, a.skip, a.cache_dir, config=config, model=a.model, device=a.device, synthetic=a.synthetic
+        a.rounds,
+        a.steps,
+        a.skip,
+        a.cache_dir,
+        contenders=contenders,
+        config=config,
+        model=a.model,
+        device=a.device,
+        synthetic=a.synthetic,
     )
     print_table(result)
     common.write_json(a.json, result)

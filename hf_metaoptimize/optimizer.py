@@ -869,7 +869,7 @@ class MetaOptimize(Optimizer):
         for gi, group, plist in active:
             if self._fused_on(group):
                 continue  # the fused kernel has done it, with the base step
-            foreach_meta_step_element(self.state, group, plist, zelem[gi], okf)
+            foreach_meta_step_element(self.state, group, plist, zelem[gi], okf, self._views)
 
 
 def _assemble(

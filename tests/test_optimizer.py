@@ -129,20 +129,29 @@ def test_none_grads_are_skipped_without_state_or_side_effects(gran):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("gran", ["scalar", "element"])
-def test_small_bucket_workspace_is_reused_bounded_and_changes_no_number(gran):
-    """The foreach path keeps one flat grad workspace per layout (rules._workspace): reusing it across steps and
-    layouts (random subsets of params with a grad, more layouts than it keeps) gives the same bits as a fresh one
-    at every step, and never more than rules.WORKSPACES of them are held."""
+def test_small_bucket_workspace_is_reused_bounded_and_changes_no_number(gran, groups):
+    """The foreach path keeps one flat grad workspace per layout (rules._workspace) and the buffers behind its lists
+    of per-tensor numbers (rules.slots): reusing them across steps and layouts (random subsets of params with a
+    grad, more layouts than it keeps), and, with two groups of as many tensors (other lr and weight decay: two
+    buckets whose lists share a buffer in one step), gives the same bits as fresh ones at every step, and never
+    more than rules.WORKSPACES / rules.SLOTS of them are held."""
     from hf_metaoptimize import rules
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 2), (4,), (2, 2, 2), (5,), (1, 3), (7,)]
     a = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     b = [t.detach().clone().requires_grad_() for t in a]
-    oa = MetaOptimize(a, lr=1e-2, granularity=gran, meta_lr=1e-2, weight_decay=0.1, foreach=True)
-    ob = MetaOptimize(b, lr=1e-2, granularity=gran, meta_lr=1e-2, weight_decay=0.1, foreach=True)
-    held = 0
+
+    def make(ps):
+        kw = dict(lr=1e-2, granularity=gran, meta_lr=1e-2, weight_decay=0.1, foreach=True)
+        if groups == 1:
+            return MetaOptimize(ps, **kw)
+        return MetaOptimize([{"params": ps[:3]}, {"params": ps[3:], "lr": 3e-2, "weight_decay": 0.0}], **kw)
+
+    oa, ob = make(a), make(b)
+    held = slots = 0
     for step in range(40):
         active = [i for i in range(len(shapes)) if torch.rand((), generator=gen) < 0.7] or [0]
         for i, (p, q) in enumerate(zip(a, b)):
@@ -152,15 +161,35 @@ def test_small_bucket_workspace_is_reused_bounded_and_changes_no_number(gran):
             a[active[0]].grad[0] = float("nan")  # a skipped step goes through the workspace too
             b[active[0]].grad[0] = float("nan")
         oa.step()
-        ob._views = {}  # a fresh workspace every step
+        ob._views = {}  # a fresh workspace and fresh number buffers every step
         ob.step()
         held = max(held, sum(1 for k in oa._views if isinstance(k, tuple) and k[0] == "workspace"))
+        slots = max(slots, sum(1 for k in oa._views if isinstance(k, tuple) and k[0] == "slots"))
         for p, q in zip(a, b):
             assert torch.equal(p, q), step
             for k, v in oa.state.get(p, {}).items():
                 assert torch.equal(v, ob.state[q][k]), (step, k)
     assert 1 <= held <= rules.WORKSPACES
+    assert 1 <= slots <= rules.SLOTS
     assert oa.skipped_steps() == ob.skipped_steps() == 1
+
+
+def test_slots_hand_out_the_values_through_views_made_once():
+    """rules.slots: the list holds the values of the latest call with its key (the views were made at the first
+    call), a list per key and length, and the views of the values themselves without a cache."""
+    from hf_metaoptimize import rules
+
+    cache: dict = {}
+    first = rules.slots(cache, "x", torch.tensor([1.0, 2.0, 3.0]))
+    assert [float(t) for t in first] == [1.0, 2.0, 3.0]
+    again = rules.slots(cache, "x", torch.tensor([4.0, 5.0, 6.0]))
+    assert again is first and [float(t) for t in first] == [4.0, 5.0, 6.0]
+    other = rules.slots(cache, "y", torch.tensor([7.0, 8.0, 9.0]))
+    assert other is not first and [float(t) for t in first] == [4.0, 5.0, 6.0]
+    assert rules.slots(cache, "x", torch.tensor([1.0, 2.0])) is not first  # another length: a buffer of its own
+    values = torch.tensor([1.0, 2.0])
+    plain = rules.slots(None, "x", values)
+    assert all(t._base is values for t in plain)
 
 
 def test_late_param_joins_its_block_step_size():
