@@ -770,8 +770,11 @@ def foreach_meta_step_element(
     and meta state for this step: the gates are then per weight. `cache`: the optimizer's, for the lists of per-tensor
     numbers (:func:`slots`).
     """
-    sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
-    z = [_local(t) for t in z]
+    if _any_dtensor(params):  # FSDP2: the rank-local shards (the math is elementwise)
+        sts = [{k: _local(v) for k, v in state[p].items()} for p in params]
+        z = [_local(t) for t in z]
+    else:
+        sts = [state[p] for p in params]
     L = [s["log_step"] for s in sts]
     MB = [s["meta_exp_avg"] for s in sts]
     lo, hi = group["log_step_bounds"]
@@ -781,11 +784,11 @@ def foreach_meta_step_element(
     copy0(Cs, C)
     wide = L[0].dtype
     if group["skip_nonfinite"]:  # 0/1 gates per weight: the tensor's gate, and 0 where z is not finite
-        # z with its non-finite entries zeroed, and 1 where it was finite (NaN and +-inf are not equal to 0): two ops
-        # per tensor where torch.isfinite makes four (abs, two comparisons and their and) before the same zeroing
-        clean = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in z]
-        fin = [torch.eq(c, t).to(wide) for c, t in zip(clean, z)]
-        z = clean
+        # 1.0 where z is finite, else 0.0: z - z is 0 there and NaN at +-inf and NaN; compared with 0 in place, a
+        # float mask in two passes where torch.isfinite makes four (abs, two comparisons, their and) and a cast
+        fin = [torch.sub(t, t).eq_(0) for t in z]
+        for t in z:
+            torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
         gw = gate.to(wide)
         oks = [f.mul_(o) for f, o in zip(fin, slots(cache, "meta gate", gw) if gate.dim() else [gw] * len(fin))]
         ok = None
@@ -804,23 +807,24 @@ def foreach_meta_step_element(
     else:
         okl = ok
     if group["meta"] == "lion":
-        upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z
+        upd = torch._foreach_lerp(z, MB, b1)  # c_bar * m_bar + (1 - c_bar) * z, from the OLD m_bar
         torch._foreach_sign_(upd)
+        _apply_rate(upd, up, down, okl)  # the last use of the gates as 0/1
         if oks is None:
             foreach_lerp_(MB, z, ok * (1 - b2))
-        else:
-            for mb, zz, o in zip(MB, z, oks):
-                mb.lerp_(zz, o * (1 - b2))
-        _apply_rate(upd, up, down, okl)
+        else:  # the gates, scaled in place (ours), as the lerp's weights (per tensor or per weight): one op for all
+            torch._foreach_mul_(oks, 1 - b2)
+            torch._foreach_lerp_(MB, z, oks)
         torch._foreach_add_(L, upd)
     else:
         if oks is None:
             foreach_lerp_(MB, z, ok * (1 - b1))
             torch._foreach_mul_(VB, 1 - ok * (1 - b2))
-        else:
-            for mb, vb, zz, o in zip(MB, VB, z, oks):
-                mb.lerp_(zz, o * (1 - b1))
-                vb.mul_(1 - o * (1 - b2))
+        else:  # as above; 1 - o * (1 - b2) written o * -(1 - b2) + 1 (the same rounding)
+            torch._foreach_lerp_(MB, z, torch._foreach_mul(oks, 1 - b1))
+            keep = torch._foreach_mul(oks, -(1 - b2))
+            torch._foreach_add_(keep, 1.0)
+            torch._foreach_mul_(VB, keep)
         torch._foreach_addcmul_(VB, z, z, value=1 - b2)
         for v, w in zip(VB, z):
             torch.sqrt(v, out=w)  # z is free now: denominator sqrt(v_bar) + meps_hat
@@ -839,15 +843,14 @@ def foreach_meta_step_element(
 
 def _apply_rate(d: list[Tensor], up: float, down: float, ok: Tensor | list[Tensor]) -> None:
     """d <- -rate(d) * ok * d in place: the log step size falls by `down` and grows by `up` per unit of d. With
-    ``up != down``: ``-down * max(d, 0) + -up * min(d, 0)``, where one of the two terms is a zero, so each weight gets
-    the product by its own rate with one rounding (the value of ``where(d > 0, -down, -up) * d``), in five
-    multi-tensor ops instead of four ops per tensor."""
+    ``up != down``: ``-up * min(d, 0) + -down * max(d, 0)``, where one of the two terms is a zero, so each weight gets
+    the product by its own rate with one rounding (the value of ``where(d > 0, -down, -up) * d``), in four
+    multi-tensor ops instead of four ops per tensor (fewer passes over memory too: no mask, no tensor of rates)."""
     if up != down:
         pos = torch._foreach_clamp_min(d, 0.0)
         torch._foreach_clamp_max_(d, 0.0)
-        torch._foreach_mul_(pos, -down)
         torch._foreach_mul_(d, -up)
-        torch._foreach_add_(d, pos)
+        torch._foreach_add_(d, pos, alpha=-down)
     else:
         torch._foreach_mul_(d, -up)
     torch._foreach_mul_(d, ok)
