@@ -5,7 +5,8 @@ default optimizer on torch >= 2.8, the anchor) and `--optim adamw_torch` on the 
 A/B interleaved: every round trains each contender for `--steps` steps in a fresh Trainer (same initial
 weights, same batches), so drift on a shared machine hits all of them alike. A callback times each optimizer
 step from `on_step_begin` to `on_step_end` (data, forward, backward, clipping, optimizer step, scheduler);
-the first `--skip` steps of every chunk are dropped. The `optimizer.step()` call alone is timed too
+the first `--skip` steps of every chunk are dropped, and `--warmup_rounds` whole rounds (default 1) before the timed
+ones (the process's first Trainer runs slower). The `optimizer.step()` call alone is timed too
 (`on_pre_optimizer_step` to `on_optimizer_step`). Medians over all kept steps; ratio = median / median of
 adamw_torch_fused (`ratio_adamw_torch`: / adamw_torch). Prints a table and writes JSON.
 
@@ -81,6 +82,7 @@ def measure(
     model: str = "gpt2",
     device: str = "cpu",
     synthetic: bool = False,
+    warmup_rounds: int = 1,
 ) -> dict:
     common.single_thread()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,8 +132,10 @@ def measure(
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_step_") as out:
         items = list(contenders.items())
-        for r in range(rounds):
-            # rotate who goes first: a fixed order would hand the first slot's warm-up cost to one contender
+        for r in range(-warmup_rounds, rounds):
+            # rounds < 0 are untimed: the process's first Trainer runs ~20% slower (first use of everything), and
+            # the anchor, first in round 0, would carry that cost into its median and lower every ratio. Then
+            # rotate who goes first: a fixed order would hand the first slot's cost to one contender.
             for name, kw in items[r % len(items) :] + items[: r % len(items)]:
                 timer = Timer()
                 args = TrainingArguments(
@@ -154,6 +158,8 @@ def measure(
                 trainer = Trainer(model=copy.deepcopy(model0), args=args, train_dataset=ds, callbacks=[timer])
                 trainer.remove_callback(PrinterCallback)
                 trainer.train()
+                if r < 0:
+                    continue
                 kept = timer.dts[skip:]
                 times[name].extend(kept)
                 opt_times[name].extend(timer.opt_dts[skip:])
@@ -184,6 +190,7 @@ def measure(
         "card": torch.cuda.get_device_name(device) if cuda else None,
         "parameters": sum(p.numel() for p in model0.parameters()),
         "rounds": rounds,
+        "warmup_rounds": warmup_rounds,
         "steps_per_chunk": steps,
         "skip": skip,
         "rows": rows,
@@ -214,6 +221,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--skip", type=int, default=3)
+    ap.add_argument("--warmup_rounds", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
     ap.add_argument("--json", default="benchmarks/results/trainer_step.json")
     ap.add_argument("--cache_dir", default="benchmarks/results/cache")
     ap.add_argument("--quick", action="store_true", help="the tiny model of the quick suite (smoke test)")
@@ -246,6 +254,7 @@ def main() -> None:
         model=a.model,
         device=a.device,
         synthetic=a.synthetic,
+        warmup_rounds=a.warmup_rounds,
     )
     print_table(result)
     common.write_json(a.json, result)
