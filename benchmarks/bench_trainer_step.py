@@ -133,7 +133,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="bench_trainer_step_") as out:
         items = list(contenders.items())
         for r in range(-warmup_rounds, rounds):
-            # rounds < 0 are untimed: the process's first Trainer runs ~20% slower (first use of everything), and
+            # rounds < 0 are untimed: the process's first Trainer runs ~25% slower (first use of everything), and
             # the anchor, first in round 0, would carry that cost into its median and lower every ratio. Then
             # rotate who goes first: a fixed order would hand the first slot's cost to one contender.
             for name, kw in items[r % len(items) :] + items[: r % len(items)]:
