@@ -658,6 +658,9 @@ STEP_GOALS = {
     "mo_scalar_fused": 1.35,
     "mo_tensor_fused": 1.35,
     "mo_element_fused": 2.0,
+    "mo_scalar_noted": 1.35,
+    "mo_tensor_noted": 1.35,
+    "mo_element_noted": 2.0,
 }
 
 
@@ -696,7 +699,8 @@ def overhead_section(out: Path) -> tuple[str, dict]:
             "`--optim adamw_torch_fused` (the Trainer's default on torch >= 2.8) runs; "
             f"{s['threads']} thread, torch {s['torch']}, A/B interleaved rounds, medians. `mo_*` rows are the default "
             "path (`fused=None`: the compiled step from 2M weights on, where it compiles), `*_fused` ask for it, "
-            '`*_noskip` rows have no non-finite guard; "first step" includes compiling or loading the kernel '
+            "`*_noskip` rows have no non-finite guard, `*_noted` rows are handed the clipping's norm (as in the "
+            'Trainer with `max_grad_norm > 0`); "first step" includes compiling or loading the kernel '
             "(compiled packages are cached on disk, so it is paid once per machine)."
         ]
         for name, layout in layouts.items():

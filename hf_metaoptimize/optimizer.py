@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .distributed import complete_meta_grads, shard_layout
+from .distributed import any_dtensor, complete_meta_grads, shard_layout
 from .distributed import local_tensor as _local
 from .rules import (
     add0_,
@@ -448,6 +448,92 @@ class MetaOptimize(Optimizer):
             out.append(row)
         return out
 
+    def note_grad_norm(self, total_norm: Tensor | float) -> None:
+        """Hand the next :meth:`step` the total norm of the grads it will see, so that its non-finite guard
+        (``skip_nonfinite=True``) takes it instead of reading every grad again.
+
+        ``total_norm`` is what ``torch.nn.utils.clip_grad_norm_`` returns (the norm before clipping; any p-norm
+        with p > 0), over grads that include every grad of this optimizer: a 0-d tensor (on any device) or a
+        Python number. A finite norm means every entry was finite, and clipping by a finite factor keeps them so:
+        the step runs as the guard's own norms would have let it (params and state bit for bit the same). A norm
+        that is not finite skips the step, as the guard would for these grads before clipping (also where the
+        squared norm alone overflowed). The Trainer does this for you after its clipping (``max_grad_norm > 0``,
+        the default 1.0). In a loop of your own::
+
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.note_grad_norm(norm)
+            opt.step()
+
+        Saves one read of every grad per step (about a tenth of the default step's memory traffic); costs a
+        pass over the params in Python here and in the step (their grads' identities and version counters).
+        The note serves one step: the next ``step()`` takes it whether it uses it or not. A grad replaced, or
+        changed in place, after the note (seen by the grad's version counter: an in-place op on a sharded
+        DTensor grad does not move it, so leave FSDP2 grads alone between the two calls) voids it: that step
+        reads the grads itself and a warning says so once. Under FSDP2 every rank must note the same (global)
+        norm; the step still combines the ranks' verdicts in the all-reduce it makes anyway. Not available under
+        DeepSpeed ZeRO (its engine clips and checks the grads itself) nor with ``skip_nonfinite=False`` (no
+        guard to feed): both raise. Reads nothing on the host; the Python number is copied to the grads' device.
+        """
+        if not self._all_groups[0]["skip_nonfinite"]:
+            raise ValueError(
+                "note_grad_norm: skip_nonfinite=False, so the step has no non-finite guard to hand a norm to; "
+                "leave the call out (or pass skip_nonfinite=True)."
+            )
+        if self._partitions is not None:
+            raise RuntimeError(
+                "note_grad_norm: under DeepSpeed ZeRO the engine clips and checks the grads itself and the step "
+                "never reads them for the guard; leave the call out."
+            )
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            raise ValueError("note_grad_norm: no param of this optimizer has a grad; call it after backward().")
+        home = _local(grads[0]).device
+        if isinstance(total_norm, Tensor):
+            if any_dtensor([total_norm]):
+                raise TypeError(
+                    "note_grad_norm: total_norm is a DTensor; pass the global norm as a plain tensor "
+                    "(total_norm.full_tensor(), on every rank)."
+                )
+            if total_norm.numel() != 1 or total_norm.dtype.is_complex or total_norm.dtype == torch.bool:
+                raise ValueError(
+                    f"note_grad_norm: total_norm must be one real number; got a tensor of shape "
+                    f"{tuple(total_norm.shape)} and dtype {total_norm.dtype}. Pass what clip_grad_norm_ returns."
+                )
+            norm = total_norm.detach().reshape(())
+            wide = torch.float64 if norm.dtype == torch.float64 else torch.float32
+            norm = norm.to(device=home, dtype=wide, non_blocking=True)
+        elif isinstance(total_norm, (int, float)) and not isinstance(total_norm, bool):
+            if total_norm < 0:
+                raise ValueError(
+                    f"note_grad_norm: total_norm={total_norm!r} is negative; a norm is >= 0 (inf or NaN skip the "
+                    "step). Pass what clip_grad_norm_ returns."
+                )
+            norm = torch.tensor(float(total_norm), dtype=torch.float32, device=home)
+        else:
+            raise TypeError(
+                f"note_grad_norm: total_norm must be a 0-d tensor or a Python number; got {type(total_norm).__name__}."
+                " Pass what clip_grad_norm_ returns."
+            )
+        self.__dict__["_noted_norm"] = (norm, _grad_signature(self.param_groups))
+
+    def _take_noted_norm(self) -> Tensor | None:
+        """The norm of :meth:`note_grad_norm` for this step's grads, or None (none noted, or voided by a grad
+        replaced or changed in place since: said once). Taken either way: a note serves one step."""
+        noted = self.__dict__.pop("_noted_norm", None)
+        if noted is None:
+            return None
+        norm, sig = noted
+        if sig == _grad_signature(self.param_groups):
+            return norm
+        if not self.__dict__.get("_warned_stale_note"):
+            self.__dict__["_warned_stale_note"] = True
+            logger.warning(
+                "MetaOptimize: a grad was replaced or changed in place after note_grad_norm(), so the noted norm "
+                "is not this step's; the step read the grads itself (said once). Call note_grad_norm() last, "
+                "right before step()."
+            )
+        return None
+
     def skipped_steps(self, warn: bool = True) -> int:
         """Number of steps skipped as non-finite so far (``skip_nonfinite=True``); logs a warning when there are some.
 
@@ -532,6 +618,7 @@ class MetaOptimize(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()  # groups edited or loaded since the last step are validated before use
+        noted = self._take_noted_norm()  # a note serves this step, used or not
         plan = self._layout()
         if plan is None:
             return loss
@@ -546,9 +633,13 @@ class MetaOptimize(Optimizer):
         skip = self._all_groups[0]["skip_nonfinite"]
         element = self._all_groups[0]["granularity"] == "element"
         # Design step 3, the guard: from the grads alone (their norms: one read, no meta-gradient needed before the
-        # update); FSDP2: one all-reduce agrees on it, together with the meta-gradients when they come first.
+        # update; or the norm the caller noted, :meth:`note_grad_norm`); FSDP2: one all-reduce agrees on it,
+        # together with the meta-gradients when they come first.
         buckets = plan.base_buckets(self._fused_on)
-        norm, filled = plan.norms(grads, buckets, self._views) if skip else (None, {})
+        if noted is not None and skip:
+            norm, filled = noted, {}
+        else:
+            norm, filled = plan.norms(grads, buckets, self._views) if skip else (None, {})
         # Algorithm 3 step 1, z_p = <h_p, g_p> from the OLD trace (rank-local, float32+): the per-tensor kernel
         # computes it while it reads h and g for the update (shared granularities; element granularity's meta step
         # reads h * g per weight and needs no sums), completed after the base step; the foreach path before it.
@@ -1070,6 +1161,13 @@ def _buckets(plan: _Plan, keys: tuple, fused_on: Callable[[dict[str, Any]], bool
             converted = any(plan.widen[gi] is not None for gi, _ in where)
             out.append(_Bucket(group, params, states, kappas, where, device, dtype, fused_on(group), converted))
     return out
+
+
+def _grad_signature(groups: list[dict[str, Any]]) -> tuple:
+    """Which grads the params hold and how often each was changed in place (its version counter): equal between
+    :meth:`MetaOptimize.note_grad_norm` and the step iff no grad was replaced or changed (by a torch op that
+    counts) in between."""
+    return tuple((id(g), g._version) for group in groups for p in group["params"] if (g := p.grad) is not None)
 
 
 # ---------------------------------------------------------------------- the math

@@ -237,6 +237,13 @@ class MetaOptimizeReference(torch.optim.Optimizer):
                             state[name] = self.state[other][name].clone()
                     break
 
+    def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
+        """The total norm of the next step's grads (before clipping); the guard's verdict is then whether it is
+        finite (docs/design.md step 3). One step only."""
+        if not self.param_groups[0]["skip_nonfinite"]:
+            raise ValueError("note_grad_norm: skip_nonfinite=False, so there is no guard to hand a norm to")
+        self.__dict__["_noted_norm"] = float(total_norm)
+
     # ------------------------------------------------------------------------------------------------
     # the step
     # ------------------------------------------------------------------------------------------------
@@ -275,9 +282,14 @@ class MetaOptimizeReference(torch.optim.Optimizer):
             z[id(p)] = h * g if group["granularity"] == "element" else torch.sum(h * g)
 
         # Design step 3: non-finite guard; a step with an inf / NaN gradient entry only counts itself, nothing else
-        # changes. (A meta-gradient that is not finite although every grad is: design step 6.)
+        # changes. (A meta-gradient that is not finite although every grad is: design step 6.) With a noted norm N
+        # of these grads (note_grad_norm), the verdict is isfinite(N).
+        noted = self.__dict__.pop("_noted_norm", None)
         if self.param_groups[0]["skip_nonfinite"]:
-            finite = all(bool(torch.isfinite(grads[id(p)]).all()) for _, _, p in active)
+            if noted is not None:
+                finite = math.isfinite(noted)
+            else:
+                finite = all(bool(torch.isfinite(grads[id(p)]).all()) for _, _, p in active)
             if not finite:
                 for _, _, p in active:
                     self.state[p]["nonfinite_steps"] += 1

@@ -12,6 +12,7 @@ FSDP2 through a sharded torch.distributed.checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -64,12 +65,35 @@ def make_opt(model, granularity):
     )
 
 
+NOTE = False  # --note: the data-parallel runs clip and hand the clipping's (global) norm to the guard
+
+
 BF16 = False  # --bf16: forward under torch.autocast(bfloat16), on every rank and in the reference
 
 
 #: Host reads of tensor values inside the data-parallel runs' step() calls (tests/_host_reads.py): each would be a
 #: device sync on a GPU; the DDP / FSDP2 paths (collectives, DTensor shards) must make none.
 HOST_READS: list[str] = []
+
+
+GUARD_NORMS: list[int] = []  # one entry per time a data-parallel step normed the grads for its guard
+
+
+@contextlib.contextmanager
+def _count_guard_norms():
+    from hf_metaoptimize import optimizer as mo
+
+    norms = mo._Plan.norms
+
+    def counted(self, *a, **k):
+        GUARD_NORMS.append(1)
+        return norms(self, *a, **k)
+
+    mo._Plan.norms = counted
+    try:
+        yield
+    finally:
+        mo._Plan.norms = norms
 
 
 def train(model, opt, data, rank: int, world: int, dp: bool):
@@ -83,7 +107,10 @@ def train(model, opt, data, rank: int, world: int, dp: bool):
         opt.zero_grad()
         loss.backward()
         if dp:
-            with ValueReads() as reads:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9) if NOTE else None  # never clips
+            with ValueReads() as reads, _count_guard_norms():
+                if NOTE:
+                    opt.note_grad_norm(full(norm))
                 opt.step()
             HOST_READS.extend(reads.reads)
         else:
@@ -103,9 +130,10 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--fused", action="store_true")
     ap.add_argument("--noskip", action="store_true")
+    ap.add_argument("--note", action="store_true")
     args = ap.parse_args()
-    global BF16, FUSED, SKIP
-    BF16, FUSED, SKIP = args.bf16, args.fused, not args.noskip
+    global BF16, FUSED, SKIP, NOTE
+    BF16, FUSED, SKIP, NOTE = args.bf16, args.fused, not args.noskip, args.note
     # bf16 matmuls round differently for a half batch: Adam-normalised steps then differ by ~1 step size
     tol = dict(rtol=2e-2, atol=1e-2) if BF16 else dict(rtol=1e-4, atol=1e-6)
     torch.set_num_threads(1)
@@ -164,6 +192,8 @@ def main() -> int:
         errors += check_fsdp2_resume(args, model, opt, rank, world)
     else:
         errors += check_ddp_resume(args, model, wrapped, opt, rank, world)
+    if NOTE and GUARD_NORMS:
+        errors.append(f"with a noted norm the guard still normed the grads {len(GUARD_NORMS)} times")
     if HOST_READS:  # after the resume checks: their continued and resumed runs step under the same watch
         errors.append(f"step() read tensor values on the host: {sorted(set(HOST_READS))}")
 

@@ -500,8 +500,10 @@ def run_pair(
     seed: int = 0,
     fast_cls: type[torch.optim.Optimizer] | None = None,
     ref_cls: type[torch.optim.Optimizer] | None = None,
+    note: Any = None,
 ) -> RunPair:
-    """Step the fast class and the reference on identical params and gradients; return both."""
+    """Step the fast class and the reference on identical params and gradients; return both. `note(t, grads)`:
+    the norm each hands its guard before step t (``note_grad_norm``), or None for none."""
     if isinstance(case, dict):
         case = OptimCase("adhoc", case)
     fast_cls = fast_cls or fast_class()
@@ -515,5 +517,8 @@ def run_pair(
             if t == case.inf_trace_at:
                 opt.state[params[INF_TRACE_PARAM]]["trace"].fill_(math.inf)
             set_grads(params, grads, dtype)
+            noted = None if note is None else note(t, [p.grad for p in params.values() if p.grad is not None])
+            if noted is not None:
+                opt.note_grad_norm(noted)
             opt.step()
     return RunPair(fast, ref, fast_params, ref_params)

@@ -235,6 +235,118 @@ def test_host_read_guard_catches_a_read(forbid_host_reads):
         torch._foreach_add_(xs, t, alpha=1)
 
 
+# ---------------------------------------------------------------- a noted grad norm
+NOTED_CASES = [(c, False) for c in CASES if c.supports_nonfinite_skip]
+NOTED_CASES += [(c, True) for c in CASES if c.name in FUSED_HOST_READ]
+
+
+@pytest.fixture
+def count_guard_norms(monkeypatch):
+    """The number of times a step normed the grads for its guard (``_Plan.norms``), as a one-element list."""
+    from hf_metaoptimize import optimizer as mo
+
+    calls = [0]
+    norms = mo._Plan.norms
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return norms(self, *a, **k)
+
+    monkeypatch.setattr(mo._Plan, "norms", counted)
+    return calls
+
+
+def _clip(params, max_norm=2.0):
+    grads = [p for p in params.values() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+
+
+@pytest.mark.parametrize("case,fused", NOTED_CASES, ids=[f"{c.name}{'-fused' if f else ''}" for c, f in NOTED_CASES])
+def test_a_noted_norm_steps_as_the_guard_does(case, fused, count_guard_norms, forbid_host_reads):
+    """The same grads, clipped by ``clip_grad_norm_`` in both runs: one hands the step the clipping's norm
+    (note_grad_norm), the other lets the guard norm the grads. Params and state are the same bit for bit after
+    every step, through the case's own non-finite steps and a NaN and an inf step added here (skipped in both,
+    as the clipping spreads them); the noted run never norms the grads and reads nothing on the host."""
+    case = case.in_short_run(SHORT_TOTAL_STEPS)
+    extra = {"fused": True} if fused else {}
+    noted, params = build(case, **extra)
+    plain, twins = build(case, **extra)
+    for t, g in enumerate(gradients(case, SHORT_TOTAL_STEPS + 2)):
+        for ps in (params, twins):
+            set_grads(ps, g, torch.float32)
+            if t in (3, 5):
+                ps["attn.out.weight"].grad[0, 1] = math.nan if t == 3 else math.inf
+        before = count_guard_norms[0]
+        norm = _clip(params)
+        with forbid_host_reads():
+            noted.note_grad_norm(norm)
+            noted.step()
+        assert count_guard_norms[0] == before, f"step {t}: the noted step normed the grads"
+        _clip(twins)
+        plain.step()
+        assert count_guard_norms[0] == before + 1
+        assert_params_equal(params, twins, f"step {t}")
+        assert_states_equal(state_copy(plain, twins), state_copy(noted, params), f"step {t}")
+    assert float(noted.state[params["attn.out.weight"]]["nonfinite_steps"]) >= 2
+
+
+def test_a_note_serves_one_step_and_a_grad_changed_after_it_voids_it(count_guard_norms, caplog):
+    case = CASES[0]
+    opt, params = build(case)
+    grads = gradients(case, 4)
+    set_grads(params, grads[0], torch.float32)
+    opt.note_grad_norm(_clip(params))
+    opt.step()
+    assert count_guard_norms[0] == 0
+    set_grads(params, grads[1], torch.float32)
+    opt.step()  # no note: the guard norms the grads
+    assert count_guard_norms[0] == 1
+    # a NaN written in place after a finite note: the step must not trust the note
+    set_grads(params, grads[2], torch.float32)
+    opt.note_grad_norm(_clip(params))
+    params["attn.out.weight"].grad[0, 0] = math.nan
+    w, st = {n: p.detach().clone() for n, p in params.items()}, state_copy(opt, params)
+    with caplog.at_level("WARNING", logger="hf_metaoptimize"):
+        opt.step()
+    assert count_guard_norms[0] == 2
+    assert_params_equal(params, w, "a step whose grads changed after the note")
+    assert (
+        float(opt.state[params["attn.out.weight"]]["nonfinite_steps"])
+        == 1 + st["attn.out.weight"]["nonfinite_steps"].item()
+    )
+    assert "changed in place after note_grad_norm()" in caplog.text
+    # a grad replaced after the note: voided too, and the warning is not repeated
+    caplog.clear()
+    set_grads(params, grads[3], torch.float32)
+    opt.note_grad_norm(_clip(params))
+    params["mlp.up.weight"].grad = params["mlp.up.weight"].grad.clone()
+    with caplog.at_level("WARNING", logger="hf_metaoptimize"):
+        opt.step()
+    assert count_guard_norms[0] == 3 and "note_grad_norm" not in caplog.text
+
+
+NOTE_ERRORS = [
+    ("guard-off", dict(skip_nonfinite=False), 1.0, ValueError, r"skip_nonfinite=False.*leave the call out"),
+    ("no-grads", {}, 1.0, ValueError, r"no param of this optimizer has a grad; call it after backward\(\)"),
+    ("vector", {}, torch.ones(2), ValueError, r"shape \(2,\).*Pass what clip_grad_norm_ returns"),
+    ("complex", {}, torch.ones((), dtype=torch.complex64), ValueError, r"dtype torch.complex64"),
+    ("bool", {}, True, TypeError, r"got bool"),
+    ("string", {}, "1.0", TypeError, r"got str"),
+    ("negative", {}, -1.0, ValueError, r"total_norm=-1.0 is negative"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,value,error,match", NOTE_ERRORS, ids=[e[0] for e in NOTE_ERRORS])
+def test_note_grad_norm_refuses_what_it_cannot_use(name, kwargs, value, error, match):
+    case = CASES[0]
+    opt, params = build(case, **kwargs)
+    if name != "no-grads":
+        set_grads(params, gradients(case, 1)[0], torch.float32)
+    with pytest.raises(error, match=match):
+        opt.note_grad_norm(value)
+    assert "_noted_norm" not in opt.__dict__
+
+
 # ---------------------------------------------------------------- refused inputs
 @pytest.mark.parametrize("error_input", ERROR_INPUTS, ids=ids)
 def test_error_inputs_name_the_value_and_the_fix(error_input):

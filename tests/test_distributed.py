@@ -16,6 +16,8 @@ CASES += [("fsdp2", "element", False, True)]  # fused=True on DTensor shards
 # the kernel computes the shards' partial meta-gradients, completed by an all-reduce after the base step; with the
 # guard, the grads' norms are agreed on by one all-reduce before it
 CASES += [("fsdp2", "tensor", False, True), ("fsdp2", "tensor", False, "noskip")]
+# the guard takes the clipping's norm (note_grad_norm): global, a full tensor on every rank; foreach and compiled
+CASES += [("fsdp2", "tensor", False, "note"), ("fsdp2", "scalar", False, "note-fused"), ("ddp", "block", False, "note")]
 
 
 @pytest.mark.slow
@@ -23,6 +25,7 @@ CASES += [("fsdp2", "tensor", False, True), ("fsdp2", "tensor", False, "noskip")
 def test_two_ranks_match_one_process(backend, granularity, bf16, fused, tmp_path):
     args = [WORKER, "--backend", backend, "--granularity", granularity, "--out", tmp_path]
     args += ["--bf16"] if bf16 else []
-    args += ["--fused"] if fused else []
+    args += ["--fused"] if fused in (True, "noskip", "note-fused") else []
     args += ["--noskip"] if fused == "noskip" else []
+    args += ["--note"] if fused in ("note", "note-fused") else []
     rank_reports(tmp_path, torchrun(2, args, timeout=240))

@@ -88,6 +88,23 @@ def test_fast_matches_reference_float64(case):
     assert_step_sizes_close(pair, rtol=1e-6)
 
 
+# The norms handed to the guard (note_grad_norm): the grads' own, but a non-finite one on two steps whose grads are
+# finite, so that the note alone decides them (the squared norm of huge grads beyond the float range, say).
+NOTED = {9: math.inf, 11: math.nan}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.supports_nonfinite_skip], ids=lambda c: c.name)
+def test_a_noted_norm_decides_the_guard_as_in_the_reference(case):
+    def note(t, grads):
+        return NOTED.get(t, torch.nn.utils.get_total_norm(grads))
+
+    pair = run_pair(case, steps=STEPS, dtype=torch.float64, note=note)
+    assert_params_close(pair, rtol=1e-9, atol=1e-12)
+    assert_state_close(pair, rtol=1e-9, atol=1e-12)
+    skipped = max(float(st["nonfinite_steps"]) for st in pair.ref.state.values())
+    assert skipped == len(set(NOTED) | set(case.nonfinite_at))
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_per_tensor_kernel_matches_reference_float64(case):
     """foreach=False runs the per-tensor pure function (hf_metaoptimize.rules.tensor_step) eagerly: the ground truth

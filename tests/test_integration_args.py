@@ -39,6 +39,7 @@ def test_register_is_idempotent_and_installs_everything():
         list(OptimizerNames._member_names_),
         Trainer.log,
         Trainer.create_scheduler,
+        Trainer._clip_grad_norm,
         TrainingArguments.__post_init__,
     )
     hf_metaoptimize.register()
@@ -47,6 +48,7 @@ def test_register_is_idempotent_and_installs_everything():
         list(OptimizerNames._member_names_),
         Trainer.log,
         Trainer.create_scheduler,
+        Trainer._clip_grad_norm,
         TrainingArguments.__post_init__,
     )
     assert before == after
@@ -56,6 +58,8 @@ def test_register_is_idempotent_and_installs_everything():
     assert trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames.METAOPTIMIZE] is registry._handler
     # the wrappers are not stacked
     assert not getattr(Trainer.log.__wrapped__, registry.WRAPPED, False)
+    assert getattr(Trainer._clip_grad_norm, registry.WRAPPED, False)
+    assert not getattr(Trainer._clip_grad_norm.__wrapped__, registry.WRAPPED, False)
 
 
 def _trl_configs():

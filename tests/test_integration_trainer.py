@@ -195,6 +195,64 @@ def test_accumulated_clipped_gradient_reaches_the_optimizer(tmp_path):
     assert sizes_full == pytest.approx(sizes_accum, rel=1e-5)
 
 
+@pytest.fixture
+def guard_norms(monkeypatch):
+    """How many times a step normed the grads for its non-finite guard."""
+    from hf_metaoptimize import optimizer as mo
+
+    calls = [0]
+    norms = mo._Plan.norms
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return norms(self, *a, **k)
+
+    monkeypatch.setattr(mo._Plan, "norms", counted)
+    return calls
+
+
+class TouchGrads(TrainerCallback):
+    """Scales every grad in place between the Trainer's clipping and optimizer.step()."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+
+
+def test_the_trainer_hands_its_clipping_norm_to_the_guard(tmp_path, guard_norms, monkeypatch, caplog):
+    """With clipping (max_grad_norm > 0) the step takes the Trainer's pre-clip norm: the guard reads no grad, and
+    the run is the one where the guard norms the grads itself, bit for bit. Without clipping, with a grad changed
+    after the clipping (a callback), or with a param the model does not hold, the guard reads the grads."""
+
+    def run(clip=0.5, callbacks=None, extra_param=False):
+        model = _tiny.tiny_gpt2(dropout=0.0)
+        kwargs = {}
+        if extra_param:  # an optimizer the user built, holding a param outside the model
+            opt = MetaOptimize([*model.parameters(), torch.nn.Parameter(torch.zeros(3))])
+            kwargs = dict(trainer_kwargs=dict(optimizers=(opt, None)))
+        trainer = _tiny.make_trainer(
+            tmp_path, model=model, max_steps=4, max_grad_norm=clip, callbacks=callbacks, **kwargs
+        )
+        before = guard_norms[0]
+        trainer.train()
+        return trainer, guard_norms[0] - before
+
+    noted, reads = run()
+    assert reads == 0
+    with monkeypatch.context() as m:
+        m.setattr(MetaOptimize, "note_grad_norm", lambda self, norm: None)
+        plain, reads = run()
+    assert reads == 4
+    for a, b in zip(noted.model.parameters(), plain.model.parameters()):
+        assert torch.equal(a, b)
+    assert run(clip=0.0)[1] == 4
+    assert run(extra_param=True)[1] == 4
+    with caplog.at_level("WARNING", logger="hf_metaoptimize"):
+        assert run(callbacks=[TouchGrads()])[1] == 4
+    assert "changed in place after note_grad_norm()" in caplog.text
+
+
 def test_lora_through_the_trainer(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -3,6 +3,9 @@
 - `Trainer.log` adds the learned step sizes (and the count of skipped non-finite steps) to the logs dict of every
   training logging step BEFORE the Trainer stores it, so they reach trainer_state.json, the console and every
   reporter;
+- `Trainer._clip_grad_norm` (where this transformers has it) hands the norm it computed to MetaOptimize
+  (`MetaOptimize.note_grad_norm`), so that its non-finite guard does not read every grad a second time; only
+  where that norm covers every grad of the optimizer and the guard is on, never under DeepSpeed;
 - `Trainer.create_scheduler` applies the schedule part of the defaults rule to a MetaOptimize optimizer that did
   not come from `--optim` (`optimizer_cls_and_kwargs=(MetaOptimize, ...)`), tells MetaOptimize the run's length
   (`total_steps`, where its cooldown ends) when the schedule is constant and the user did not give one, and
@@ -15,6 +18,9 @@ import functools
 import logging
 from typing import Any
 
+import torch
+
+from ..distributed import any_dtensor
 from ..spec import cooldown_steps
 from .patch_training_args import _constant_schedule
 from .versions import WRAPPED
@@ -55,6 +61,18 @@ def _patch_trainer(module: Any) -> None:
         setattr(wrapped_log, WRAPPED, True)
         trainer_cls.log = wrapped_log
 
+    clip = trainer_cls.__dict__.get("_clip_grad_norm")
+    if clip is not None and not getattr(clip, WRAPPED, False):
+
+        @functools.wraps(clip)
+        def wrapped_clip(self, model, *a, **kw):
+            norm = clip(self, model, *a, **kw)
+            _note_clip_norm(self, model, norm)
+            return norm
+
+        setattr(wrapped_clip, WRAPPED, True)
+        trainer_cls._clip_grad_norm = wrapped_clip
+
     create_scheduler = trainer_cls.__dict__["create_scheduler"]
     if not getattr(create_scheduler, WRAPPED, False):
 
@@ -72,6 +90,34 @@ def _patch_trainer(module: Any) -> None:
 
         setattr(wrapped_create_scheduler, WRAPPED, True)
         trainer_cls.create_scheduler = wrapped_create_scheduler
+
+
+def _note_clip_norm(trainer: Any, model: Any, norm: Any) -> None:
+    """After the Trainer's clipping: its pre-clip norm to MetaOptimize's guard (see the module docstring). The
+    coverage check (every param of the optimizer is one of `model`'s) is made once per (model, optimizer)."""
+    if norm is None or getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    opt = find_metaoptimize(getattr(trainer, "optimizer", None))
+    if opt is None or opt._partitions is not None or not opt._all_groups[0]["skip_nonfinite"]:
+        return
+    key = (id(model), id(opt), sum(len(g["params"]) for g in opt.param_groups))
+    seen = trainer.__dict__.get("_metaoptimize_clip_covers")
+    if seen is None or seen[0] != key:
+        mine = {id(p) for p in model.parameters()}
+        covers = all(id(p) in mine for g in opt.param_groups for p in g["params"])
+        trainer.__dict__["_metaoptimize_clip_covers"] = seen = (key, covers)
+        if not covers:
+            logger.info(
+                "MetaOptimize: some of its params are not the model's, so the Trainer's clipping norm does not "
+                "cover their grads; its guard reads the grads itself."
+            )
+    if not seen[1]:
+        return
+    if not isinstance(norm, torch.Tensor):
+        norm = float(norm)
+    elif any_dtensor([norm]):
+        norm = norm.full_tensor()  # every rank clips, so every rank is here: a collective is safe
+    opt.note_grad_norm(norm)
 
 
 def _attach_deepspeed(optimizer: Any) -> None:
