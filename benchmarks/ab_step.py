@@ -10,6 +10,11 @@ equal to NaN): a change meant to be faster that changes a number shows up as ``b
     python -m benchmarks.ab_step --base d9d6838 --model gpt2 --kwargs "weight_decay=0.1"
     python -m benchmarks.ab_step --base d9d6838 --model transformer --weights 1e7 --kwargs "fused=False" --rounds 30
 
+``--note``: this version is handed the grads' total norm before each of its steps (``note_grad_norm``, as the Trainer
+hands it the norm its clipping computed; the norm itself is computed outside the timed region, as the clipping is
+paid by every optimizer), the earlier one is not: ``--base HEAD --note`` times the noted step against the step that
+norms the grads itself, on the same code.
+
 ``--model gpt2``: the 40 tensors of the Shakespeare GPT-2 (`benchmarks.task_lm`, 220k weights); ``transformer``:
 `benchmarks.bench_step`'s transformer shapes of ``--weights``; ``many``: the same weights in >= 300 tensors.
 """
@@ -84,7 +89,13 @@ def shapes_of(model: str, weights: float) -> list[tuple[int, ...]]:
 
 
 def measure(
-    base: Any, shapes: list[tuple[int, ...]], kwargs: dict[str, Any], rounds: int, warmup: int, dtype: torch.dtype
+    base: Any,
+    shapes: list[tuple[int, ...]],
+    kwargs: dict[str, Any],
+    rounds: int,
+    warmup: int,
+    dtype: torch.dtype,
+    note: bool = False,
 ) -> dict[str, Any]:
     def make(factory):
         torch.manual_seed(0)
@@ -98,15 +109,23 @@ def measure(
         "earlier": make(lambda ps: base.MetaOptimize(ps, lr=1e-3, **kwargs)),
         "new": make(lambda ps: hf_metaoptimize.MetaOptimize(ps, lr=1e-3, **kwargs)),
     }
-    for _, opt in opts.values():
+
+    def step(name: str) -> float:
+        ps, opt = opts[name]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ps]) if note and name == "new" else None
+        t0 = time.perf_counter()
+        if norm is not None:
+            opt.note_grad_norm(norm)
+        opt.step()
+        return time.perf_counter() - t0
+
+    for name in opts:
         for _ in range(warmup):
-            opt.step()
+            step(name)
     times: dict[str, list[float]] = {k: [] for k in opts}
     for _ in range(rounds):
-        for name, (_, opt) in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            times[name].append(time.perf_counter() - t0)
+        for name in opts:
+            times[name].append(step(name))
     # the same further steps for both versions, on fresh grads, one of them non-finite
     for name in ("earlier", "new"):
         ps, opt = opts[name]
@@ -116,7 +135,7 @@ def measure(
                 p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dtype)
             if t == 4:
                 ps[len(ps) // 2].grad.view(-1)[0] = float("nan")
-            opt.step()
+            step(name)
     (pa, oa), (pb, ob) = opts["earlier"], opts["new"]
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # bit for bit, NaN equal to NaN
@@ -146,17 +165,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--note", action="store_true", help="hand this version the grads' norm before each step")
     a = ap.parse_args()
     kwargs = parse_kwargs(a.kwargs)
     torch.set_num_threads(a.threads)
     shapes = shapes_of(a.model, a.weights)
     with tempfile.TemporaryDirectory(prefix="ab_step_") as tmp:
         base = earlier_package(a.base, Path(tmp))
-        result = measure(base, shapes, kwargs, a.rounds, a.warmup, getattr(torch, a.dtype))
+        result = measure(base, shapes, kwargs, a.rounds, a.warmup, getattr(torch, a.dtype), a.note)
     med, x = result["median_ms"], result["x_adamw_fused"]
     weights = sum(torch.Size(s).numel() for s in shapes)
     print(
-        f"{a.model} ({len(shapes)} tensors, {weights / 1e6:.2f}M weights, {a.dtype}) {kwargs or 'defaults'}: "
+        f"{a.model} ({len(shapes)} tensors, {weights / 1e6:.2f}M weights, {a.dtype}) {kwargs or 'defaults'}"
+        f"{', this version noted' if a.note else ''}: "
         f"AdamW(fused) {med['adamw_fused']:.3f} ms | {a.base} {med['earlier']:.3f} ms ({x['earlier']:.2f}x) | "
         f"this {med['new']:.3f} ms ({x['new']:.2f}x) | this / {a.base} paired {result['paired']:.3f} | "
         f"bit-identical: {result['bit_identical']}"
@@ -169,6 +190,7 @@ def main() -> None:
             "tensors": len(shapes),
             "weights": weights,
             "kwargs": kwargs,
+            "note": a.note,
             "dtype": a.dtype,
             "rounds": a.rounds,
             "threads": a.threads,

@@ -33,14 +33,17 @@ def _ab(*args: str) -> subprocess.CompletedProcess:
 
 
 @needs_git
-@pytest.mark.parametrize("kwargs", ["granularity='tensor', weight_decay=0.1", "granularity='element'"])
-def test_ab_step_against_head_writes_a_record(tmp_path, kwargs):
+@pytest.mark.parametrize(
+    "kwargs,note", [("granularity='tensor', weight_decay=0.1", False), ("granularity='element'", False), ("", True)]
+)
+def test_ab_step_against_head_writes_a_record(tmp_path, kwargs, note):
+    """With --note, HEAD's plain step against the working tree's noted step: the same numbers too."""
     out = tmp_path / "ab.json"
     proc = _ab("--base", "HEAD", "--model", "transformer", "--weights", "3e4", "--rounds", "3", "--kwargs", kwargs,
-               "--json", str(out))  # fmt: skip
+               "--json", str(out), *(["--note"] if note else []))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rec = json.loads(out.read_text())
-    assert rec["benchmark"] == "ab_step" and rec["rounds"] == 3 and rec["tensors"] > 2
+    assert rec["benchmark"] == "ab_step" and rec["rounds"] == 3 and rec["tensors"] > 2 and rec["note"] is note
     assert set(rec["median_ms"]) == {"adamw_fused", "earlier", "new"}
     assert rec["paired"] > 0 and isinstance(rec["bit_identical"], bool)
     if _git("diff", "--quiet", "HEAD", "--", "hf_metaoptimize").returncode == 0:
