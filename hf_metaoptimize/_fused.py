@@ -85,7 +85,7 @@ class _Chunk(torch.nn.Module):
         for i in range(CHUNK):
             item = dict(zip(("p", "g", *self.slots), flat[i * width : (i + 1) * width]))
             if dots:  # Algorithm 3 step 1, z_p = <h_p, g_p> from the OLD trace: read before the update below
-                zs.append(torch.dot(item["trace"], item["g"].to(item["trace"].dtype)))
+                zs.append(_kernel_dot(item["trace"], item["g"]))
             tensor_step(
                 item["p"],
                 item["g"],
@@ -99,6 +99,15 @@ class _Chunk(torch.nn.Module):
                 **_step_config(self.config),
             )
         return (torch.stack(zs),) if dots else ()
+
+
+def _kernel_dot(h: Tensor, g: Tensor) -> Tensor:
+    """``<h, g>`` in h's dtype, as the kernel computes it. On CPU a float32 trace's products are summed in float64:
+    Inductor's C++ sum of float32 goes through its cascade-summation helper (a running sum in memory, a chain of
+    dependent adds), and a float64 sum does not; it is also the more exact sum (docs/design.md)."""
+    if h.device.type == "cpu" and h.dtype == torch.float32:
+        return torch.dot(h.to(torch.float64), g.to(torch.float64)).to(h.dtype)
+    return torch.dot(h, g.to(h.dtype))
 
 
 def _step_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +237,7 @@ def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    parts = (tensor_step, lerp, _Chunk, _compile, _package, _Meta, lion_meta_update, _meta_gate, _rate)
+    parts = (tensor_step, lerp, _Chunk, _kernel_dot, _compile, _package, _Meta, lion_meta_update, _meta_gate, _rate)
     text = "".join(map(inspect.getsource, parts)) + repr(ROW) + str(CHUNK) + str(EXAMPLE_SIZE)
     return hashlib.sha1(text.encode()).hexdigest()
 
