@@ -102,10 +102,12 @@ class _Chunk(torch.nn.Module):
 
 
 def _kernel_dot(h: Tensor, g: Tensor) -> Tensor:
-    """``<h, g>`` in h's dtype, as the kernel computes it. On CPU a float32 trace's products are summed in float64:
-    Inductor's C++ sum of float32 goes through its cascade-summation helper (a running sum in memory, a chain of
-    dependent adds), and a float64 sum does not; it is also the more exact sum (docs/design.md)."""
-    if h.device.type == "cpu" and h.dtype == torch.float32:
+    """``<h, g>`` in h's dtype, as the kernel computes it. On CPU, with a float32 trace and float32 grads, the
+    products are summed in float64: Inductor's C++ sum of float32 goes through its cascade-summation helper (a
+    running sum in memory, a chain of dependent adds), and a float64 sum does not; it is also the more exact sum.
+    Low-precision grads keep the float32 sum: widened to float64 they made the step 1.27-1.38x slower (measured;
+    docs/design.md)."""
+    if h.device.type == "cpu" and h.dtype == g.dtype == torch.float32:
         return torch.dot(h.to(torch.float64), g.to(torch.float64)).to(h.dtype)
     return torch.dot(h, g.to(h.dtype))
 

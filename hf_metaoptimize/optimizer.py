@@ -157,7 +157,8 @@ class MetaOptimize(Optimizer):
             is not finite although the gradients are (a trace beyond the float range) leaves its step size where
             it is for that step. Done without a host sync: every update coefficient is multiplied by an on-device
             0/1 flag and the math reads a zeroed copy of the gradients (``p.grad`` is never written). Cost: one
-            read of every gradient (``torch._foreach_norm``: one op for all tensors) before the update.
+            read of every gradient (``torch._foreach_norm``: one op for all tensors) before the update; none
+            where the step is handed the norm the clipping computed (:meth:`note_grad_norm`; the Trainer does).
             ``False`` lets inf/NaN through into params and state, as torch's optimizers do.
         foreach (bool, optional): ``True``: the multi-tensor (``torch._foreach_*``) path; ``False``: the
             per-tensor kernel of ``fused`` run uncompiled, one tensor at a time (slow; no compiler needed).
