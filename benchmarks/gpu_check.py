@@ -17,8 +17,9 @@ Checks (each in its own process, each with a timeout, all results in OUT/gpu_che
   step sizes are logged per layer and the loss stays finite. Needs deepspeed importable (carry a wheel).
 - ``step``: ``benchmarks/bench_step.py`` on the GPU against ``torch.optim.AdamW(fused=True)`` (the anchor) and
   ``(foreach=True)``, each in the transformer layout and split into >= 300 tensors, bf16 params: every
-  MetaOptimize row at ~100M weights, and the default (automatic: the compiled step), ``fused=True`` and
-  element granularity at ~1B weights (the first step's time is the kernel's compile; it is reported apart).
+  MetaOptimize row at ~100M weights, and the default (automatic: the compiled step), the default handed the
+  clipping's norm (``*_noted``: as the Trainer runs it) and element granularity (``fused=True``) at ~1B weights
+  (the first step's time is the kernel's compile; it is reported apart).
 - ``no_sync``: ``step()`` under ``torch.cuda.set_sync_debug_mode("error")`` (any synchronizing CUDA call raises: a
   tensor value read on the host, a blocking copy) on the foreach and the compiled paths, shared and element step
   sizes, bf16 params, two groups differing in weight decay; after two warm-up steps (lazy state, the compile, the
@@ -284,13 +285,15 @@ def check_ds_zero2_bf16(out: Path, cpu: bool) -> dict:
     }
 
 
-#: (name, MetaOptimize keyword arguments) of the no_sync check
+#: (name, MetaOptimize keyword arguments, whether each step is handed the grads' norm) of the no_sync check
 NO_SYNC_CONFIGS = (
-    ("foreach scalar", dict(fused=False)),
-    ("foreach element", dict(fused=False, granularity="element")),
-    ("foreach lion tensor", dict(fused=False, base="lion", granularity="tensor")),
-    ("fused scalar", dict(fused=True)),
-    ("fused element", dict(fused=True, granularity="element")),
+    ("foreach scalar", dict(fused=False), False),
+    ("foreach element", dict(fused=False, granularity="element"), False),
+    ("foreach lion tensor", dict(fused=False, base="lion", granularity="tensor"), False),
+    ("fused scalar", dict(fused=True), False),
+    ("fused element", dict(fused=True, granularity="element"), False),
+    ("foreach scalar, norm noted", dict(fused=False), True),
+    ("fused tensor, norm noted", dict(fused=True, granularity="tensor"), True),
 )
 
 
@@ -302,7 +305,7 @@ def check_no_sync(out: Path, cpu: bool) -> dict:
     device = "cpu" if cpu else "cuda"
     shapes = [(256, 64), (64,), (64, 64), (64,), (1000, 64), (8, 8, 3)]
     results, ok = {}, True
-    for name, kw in NO_SYNC_CONFIGS:
+    for name, kw, noted in NO_SYNC_CONFIGS:
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(s, device=device, dtype=torch.bfloat16) * 0.02) for s in shapes]
         groups = [{"params": ps[::2], "weight_decay": 0.1}, {"params": ps[1::2], "weight_decay": 0.0}]
@@ -317,6 +320,8 @@ def check_no_sync(out: Path, cpu: bool) -> dict:
                     p.grad = torch.randn_like(p) * 1e-2
                 if t == 3:  # the guard's skipped step
                     ps[0].grad[0, 0] = float("nan")
+                if noted:  # as the Trainer does after its clipping (NaN at t == 3: the noted norm skips the step)
+                    opt.note_grad_norm(torch.nn.utils.get_total_norm([p.grad for p in ps]))
                 opt.step()
         except Exception as e:  # noqa: BLE001 - a sync raises here; report it and go on with the next config
             results[name], ok = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}, False
@@ -332,7 +337,7 @@ def check_no_sync(out: Path, cpu: bool) -> dict:
 
 
 def check_step(out: Path, cpu: bool) -> dict:
-    runs = [("2e6", None)] if cpu else [("100e6", None), ("1e9", "mo_scalar,mo_scalar_fused,mo_element_fused")]
+    runs = [("2e6", None)] if cpu else [("100e6", None), ("1e9", "mo_scalar,mo_scalar_noted,mo_element_fused")]
     results = {}
     for weights, only in runs:
         name = f"step_{weights}.json"
