@@ -18,3 +18,20 @@ def deepspeed_cpu_ops():
 
     with deepspeed_cpu_launches() as env:
         yield env
+
+
+@pytest.fixture
+def guard_norms(monkeypatch):
+    """How many times a step normed the grads for its non-finite guard (``_Plan.norms``), as a one-element list:
+    0 more where the step took a noted norm (``MetaOptimize.note_grad_norm``)."""
+    from hf_metaoptimize import optimizer as mo
+
+    calls = [0]
+    norms = mo._Plan.norms
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return norms(self, *a, **k)
+
+    monkeypatch.setattr(mo._Plan, "norms", counted)
+    return calls

@@ -240,29 +240,13 @@ NOTED_CASES = [(c, False) for c in CASES if c.supports_nonfinite_skip]
 NOTED_CASES += [(c, True) for c in CASES if c.name in FUSED_HOST_READ]
 
 
-@pytest.fixture
-def count_guard_norms(monkeypatch):
-    """The number of times a step normed the grads for its guard (``_Plan.norms``), as a one-element list."""
-    from hf_metaoptimize import optimizer as mo
-
-    calls = [0]
-    norms = mo._Plan.norms
-
-    def counted(self, *a, **k):
-        calls[0] += 1
-        return norms(self, *a, **k)
-
-    monkeypatch.setattr(mo._Plan, "norms", counted)
-    return calls
-
-
 def _clip(params, max_norm=2.0):
     grads = [p for p in params.values() if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 @pytest.mark.parametrize("case,fused", NOTED_CASES, ids=[f"{c.name}{'-fused' if f else ''}" for c, f in NOTED_CASES])
-def test_a_noted_norm_steps_as_the_guard_does(case, fused, count_guard_norms, forbid_host_reads):
+def test_a_noted_norm_steps_as_the_guard_does(case, fused, guard_norms, forbid_host_reads):
     """The same grads, clipped by ``clip_grad_norm_`` in both runs: one hands the step the clipping's norm
     (note_grad_norm), the other lets the guard norm the grads. Params and state are the same bit for bit after
     every step, through the case's own non-finite steps and a NaN and an inf step added here (skipped in both,
@@ -276,31 +260,31 @@ def test_a_noted_norm_steps_as_the_guard_does(case, fused, count_guard_norms, fo
             set_grads(ps, g, torch.float32)
             if t in (3, 5):
                 ps["attn.out.weight"].grad[0, 1] = math.nan if t == 3 else math.inf
-        before = count_guard_norms[0]
+        before = guard_norms[0]
         norm = _clip(params)
         with forbid_host_reads():
             noted.note_grad_norm(norm)
             noted.step()
-        assert count_guard_norms[0] == before, f"step {t}: the noted step normed the grads"
+        assert guard_norms[0] == before, f"step {t}: the noted step normed the grads"
         _clip(twins)
         plain.step()
-        assert count_guard_norms[0] == before + 1
+        assert guard_norms[0] == before + 1
         assert_params_equal(params, twins, f"step {t}")
         assert_states_equal(state_copy(plain, twins), state_copy(noted, params), f"step {t}")
     assert float(noted.state[params["attn.out.weight"]]["nonfinite_steps"]) >= 2
 
 
-def test_a_note_serves_one_step_and_a_grad_changed_after_it_voids_it(count_guard_norms, caplog):
+def test_a_note_serves_one_step_and_a_grad_changed_after_it_voids_it(guard_norms, caplog):
     case = CASES[0]
     opt, params = build(case)
     grads = gradients(case, 4)
     set_grads(params, grads[0], torch.float32)
     opt.note_grad_norm(_clip(params))
     opt.step()
-    assert count_guard_norms[0] == 0
+    assert guard_norms[0] == 0
     set_grads(params, grads[1], torch.float32)
     opt.step()  # no note: the guard norms the grads
-    assert count_guard_norms[0] == 1
+    assert guard_norms[0] == 1
     # a NaN written in place after a finite note: the step must not trust the note
     set_grads(params, grads[2], torch.float32)
     opt.note_grad_norm(_clip(params))
@@ -308,7 +292,7 @@ def test_a_note_serves_one_step_and_a_grad_changed_after_it_voids_it(count_guard
     w, st = {n: p.detach().clone() for n, p in params.items()}, state_copy(opt, params)
     with caplog.at_level("WARNING", logger="hf_metaoptimize"):
         opt.step()
-    assert count_guard_norms[0] == 2
+    assert guard_norms[0] == 2
     assert_params_equal(params, w, "a step whose grads changed after the note")
     assert (
         float(opt.state[params["attn.out.weight"]]["nonfinite_steps"])
@@ -322,7 +306,7 @@ def test_a_note_serves_one_step_and_a_grad_changed_after_it_voids_it(count_guard
     params["mlp.up.weight"].grad = params["mlp.up.weight"].grad.clone()
     with caplog.at_level("WARNING", logger="hf_metaoptimize"):
         opt.step()
-    assert count_guard_norms[0] == 3 and "note_grad_norm" not in caplog.text
+    assert guard_norms[0] == 3 and "note_grad_norm" not in caplog.text
 
 
 NOTE_ERRORS = [

@@ -195,22 +195,6 @@ def test_accumulated_clipped_gradient_reaches_the_optimizer(tmp_path):
     assert sizes_full == pytest.approx(sizes_accum, rel=1e-5)
 
 
-@pytest.fixture
-def guard_norms(monkeypatch):
-    """How many times a step normed the grads for its non-finite guard."""
-    from hf_metaoptimize import optimizer as mo
-
-    calls = [0]
-    norms = mo._Plan.norms
-
-    def counted(self, *a, **k):
-        calls[0] += 1
-        return norms(self, *a, **k)
-
-    monkeypatch.setattr(mo._Plan, "norms", counted)
-    return calls
-
-
 class TouchGrads(TrainerCallback):
     """Scales every grad in place between the Trainer's clipping and optimizer.step()."""
 
