@@ -473,7 +473,8 @@ class MetaOptimize(Optimizer):
         reads the grads itself and a warning says so once. Under FSDP2 every rank must note the same (global)
         norm; the step still combines the ranks' verdicts in the all-reduce it makes anyway. Not available under
         DeepSpeed ZeRO (its engine clips and checks the grads itself) nor with ``skip_nonfinite=False`` (no
-        guard to feed): both raise. Reads nothing on the host; the Python number is copied to the grads' device.
+        guard to feed): both raise. Reads nothing on the host and copies nothing to the device (a Python number is
+        written there by a fill).
         """
         if not self._all_groups[0]["skip_nonfinite"]:
             raise ValueError(
@@ -509,7 +510,8 @@ class MetaOptimize(Optimizer):
                     f"note_grad_norm: total_norm={total_norm!r} is negative; a norm is >= 0 (inf or NaN skip the "
                     "step). Pass what clip_grad_norm_ returns."
                 )
-            norm = torch.tensor(float(total_norm), dtype=torch.float32, device=home)
+            # a fill with the number as a kernel argument: no host-to-device copy (from pageable memory, a sync)
+            norm = torch.full((), float(total_norm), dtype=torch.float32, device=home)
         else:
             raise TypeError(
                 f"note_grad_norm: total_norm must be a 0-d tensor or a Python number; got {type(total_norm).__name__}."

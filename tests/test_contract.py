@@ -309,6 +309,31 @@ def test_a_note_serves_one_step_and_a_grad_changed_after_it_voids_it(guard_norms
     assert guard_norms[0] == 3 and "note_grad_norm" not in caplog.text
 
 
+def test_a_noted_python_number_decides_the_guard(guard_norms):
+    """A norm handed over as a Python number (a logged or reduced value): finite steps as the guard would, NaN
+    skips; the grads are not normed either way."""
+    case = CASES[0]
+    noted, params = build(case)
+    plain, twins = build(case)
+    for t, g in enumerate(gradients(case, 3)):
+        for ps in (params, twins):
+            set_grads(ps, g, torch.float32)
+        w, st = {n: p.detach().clone() for n, p in params.items()}, state_copy(noted, params)
+        noted.note_grad_norm(float(_clip(params)) if t != 1 else math.nan)
+        noted.step()
+        if t == 1:  # finite grads, a NaN note: skipped, nothing but the counter moves
+            assert_params_equal(params, w, "a NaN note")
+            assert all(float(noted.state[p]["nonfinite_steps"]) == 1 for p in params.values() if p.grad is not None)
+            assert st.keys() == state_copy(noted, params).keys()
+            set_grads(params, g, torch.float32)  # the twin steps this one: put the runs back in line
+            noted.note_grad_norm(float(_clip(params)))
+            noted.step()
+        _clip(twins)
+        plain.step()
+    assert guard_norms[0] == 3  # the plain run's three steps only
+    assert_params_equal(params, twins, "noted numbers")
+
+
 NOTE_ERRORS = [
     ("guard-off", dict(skip_nonfinite=False), 1.0, ValueError, r"skip_nonfinite=False.*leave the call out"),
     ("no-grads", {}, 1.0, ValueError, r"no param of this optimizer has a grad; call it after backward\(\)"),
