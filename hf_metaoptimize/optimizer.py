@@ -486,7 +486,7 @@ class MetaOptimize(Optimizer):
                 "note_grad_norm: under DeepSpeed ZeRO the engine clips and checks the grads itself and the step "
                 "never reads them for the guard; leave the call out."
             )
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = _grads_of(self.param_groups)
         if not grads:
             raise ValueError("note_grad_norm: no param of this optimizer has a grad; call it after backward().")
         home = _local(grads[0]).device
@@ -517,7 +517,7 @@ class MetaOptimize(Optimizer):
                 f"note_grad_norm: total_norm must be a 0-d tensor or a Python number; got {type(total_norm).__name__}."
                 " Pass what clip_grad_norm_ returns."
             )
-        self.__dict__["_noted_norm"] = (norm, _grad_signature(self.param_groups))
+        self.__dict__["_noted_norm"] = (norm, _grad_signature(grads))
 
     def _take_noted_norm(self) -> Tensor | None:
         """The norm of :meth:`note_grad_norm` for this step's grads, or None (none noted, or voided by a grad
@@ -526,7 +526,7 @@ class MetaOptimize(Optimizer):
         if noted is None:
             return None
         norm, sig = noted
-        if sig == _grad_signature(self.param_groups):
+        if sig == _grad_signature(_grads_of(self.param_groups)):
             return norm
         if not self.__dict__.get("_warned_stale_note"):
             self.__dict__["_warned_stale_note"] = True
@@ -639,10 +639,12 @@ class MetaOptimize(Optimizer):
         # update; or the norm the caller noted, :meth:`note_grad_norm`); FSDP2: one all-reduce agrees on it,
         # together with the meta-gradients when they come first.
         buckets = plan.base_buckets(self._fused_on)
-        if noted is not None and skip:
+        if not skip:
+            norm, filled = None, {}
+        elif noted is not None:
             norm, filled = noted, {}
         else:
-            norm, filled = plan.norms(grads, buckets, self._views) if skip else (None, {})
+            norm, filled = plan.norms(grads, buckets, self._views)
         # Algorithm 3 step 1, z_p = <h_p, g_p> from the OLD trace (rank-local, float32+): the per-tensor kernel
         # computes it while it reads h and g for the update (shared granularities; element granularity's meta step
         # reads h * g per weight and needs no sums), completed after the base step; the foreach path before it.
@@ -1166,11 +1168,16 @@ def _buckets(plan: _Plan, keys: tuple, fused_on: Callable[[dict[str, Any]], bool
     return out
 
 
-def _grad_signature(groups: list[dict[str, Any]]) -> tuple:
-    """Which grads the params hold and how often each was changed in place (its version counter): equal between
+def _grads_of(groups: list[dict[str, Any]]) -> list[Tensor]:
+    """The grads the params of `groups` hold, in param order (params without one left out)."""
+    return [p.grad for group in groups for p in group["params"] if p.grad is not None]
+
+
+def _grad_signature(grads: list[Tensor]) -> tuple:
+    """Which grads these are and how often each was changed in place (its version counter): equal between
     :meth:`MetaOptimize.note_grad_norm` and the step iff no grad was replaced or changed (by a torch op that
     counts) in between."""
-    return tuple((id(g), g._version) for group in groups for p in group["params"] if (g := p.grad) is not None)
+    return tuple((id(g), g._version) for g in grads)
 
 
 # ---------------------------------------------------------------------- the math

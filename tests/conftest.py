@@ -21,17 +21,10 @@ def deepspeed_cpu_ops():
 
 
 @pytest.fixture
-def guard_norms(monkeypatch):
+def guard_norms():
     """How many times a step normed the grads for its non-finite guard (``_Plan.norms``), as a one-element list:
     0 more where the step took a noted norm (``MetaOptimize.note_grad_norm``)."""
-    from hf_metaoptimize import optimizer as mo
+    from _guard_norms import counting_guard_norms
 
-    calls = [0]
-    norms = mo._Plan.norms
-
-    def counted(self, *a, **k):
-        calls[0] += 1
-        return norms(self, *a, **k)
-
-    monkeypatch.setattr(mo._Plan, "norms", counted)
-    return calls
+    with counting_guard_norms() as calls:
+        yield calls

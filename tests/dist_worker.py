@@ -12,13 +12,13 @@ FSDP2 through a sharded torch.distributed.checkpoint.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+from _guard_norms import counting_guard_norms
 from _host_reads import ValueReads
 
 from hf_metaoptimize import MetaOptimize
@@ -76,24 +76,7 @@ BF16 = False  # --bf16: forward under torch.autocast(bfloat16), on every rank an
 HOST_READS: list[str] = []
 
 
-GUARD_NORMS: list[int] = []  # one entry per time a data-parallel step normed the grads for its guard
-
-
-@contextlib.contextmanager
-def _count_guard_norms():
-    from hf_metaoptimize import optimizer as mo
-
-    norms = mo._Plan.norms
-
-    def counted(self, *a, **k):
-        GUARD_NORMS.append(1)
-        return norms(self, *a, **k)
-
-    mo._Plan.norms = counted
-    try:
-        yield
-    finally:
-        mo._Plan.norms = norms
+GUARD_NORMS = [0]  # how many times a data-parallel step normed the grads for its guard
 
 
 def train(model, opt, data, rank: int, world: int, dp: bool):
@@ -108,11 +91,12 @@ def train(model, opt, data, rank: int, world: int, dp: bool):
         loss.backward()
         if dp:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9) if NOTE else None  # never clips
-            with ValueReads() as reads, _count_guard_norms():
+            with ValueReads() as reads, counting_guard_norms() as calls:
                 if NOTE:
                     opt.note_grad_norm(full(norm))
                 opt.step()
             HOST_READS.extend(reads.reads)
+            GUARD_NORMS[0] += calls[0]
         else:
             opt.step()
 
@@ -192,8 +176,8 @@ def main() -> int:
         errors += check_fsdp2_resume(args, model, opt, rank, world)
     else:
         errors += check_ddp_resume(args, model, wrapped, opt, rank, world)
-    if NOTE and GUARD_NORMS:
-        errors.append(f"with a noted norm the guard still normed the grads {len(GUARD_NORMS)} times")
+    if NOTE and GUARD_NORMS[0]:
+        errors.append(f"with a noted norm the guard still normed the grads {GUARD_NORMS[0]} times")
     if HOST_READS:  # after the resume checks: their continued and resumed runs step under the same watch
         errors.append(f"step() read tensor values on the host: {sorted(set(HOST_READS))}")
 
