@@ -22,6 +22,7 @@ Results agree with the foreach path to rounding, not bit for bit (other operatio
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -106,10 +107,20 @@ def _kernel_dot(h: Tensor, g: Tensor) -> Tensor:
     products are summed in float64: Inductor's C++ sum of float32 goes through its cascade-summation helper (a
     running sum in memory, a chain of dependent adds), and a float64 sum does not; it is also the more exact sum.
     Low-precision grads keep the float32 sum: widened to float64 they made the step 1.27-1.38x slower (measured;
-    docs/design.md)."""
-    if h.device.type == "cpu" and h.dtype == g.dtype == torch.float32:
-        return torch.dot(h.to(torch.float64), g.to(torch.float64)).to(h.dtype)
-    return torch.dot(h, g.to(h.dtype))
+    docs/design.md).
+
+    On CPU the products are a buffer of their own (``as_strided`` of the product: Inductor realizes the input of
+    that op) instead of being inlined into the sum: a pointwise node that reads the old h, which Inductor's C++
+    scheduler fuses with the update (same loop, the read of h before its write) and then with the sum (a
+    pointwise node followed by a reduction over the same range), so ONE loop reads h and g, updates the tensor
+    and adds the products, and the product buffer is never written. Inlined, the sum reads the old h, which must
+    come before the update's write of h, and a reduction followed by a pointwise node is not fused: two loops,
+    h and g read twice (docs/design.md)."""
+    if h.device.type != "cpu":
+        return torch.dot(h, g.to(h.dtype))
+    wide = torch.float64 if h.dtype == g.dtype == torch.float32 else h.dtype
+    prod = h.to(wide) * g.to(wide)
+    return torch.as_strided(prod, prod.shape, prod.stride()).sum().to(h.dtype)
 
 
 def _step_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +250,19 @@ def _source_hash() -> str:
     """The kernel's code: a package compiled from other code (another version of this file) is never loaded."""
     import inspect
 
-    parts = (tensor_step, lerp, _Chunk, _kernel_dot, _compile, _package, _Meta, lion_meta_update, _meta_gate, _rate)
+    parts = (
+        tensor_step,
+        lerp,
+        _Chunk,
+        _kernel_dot,
+        _compile,
+        _package,
+        _near_fusion_only_off,
+        _Meta,
+        lion_meta_update,
+        _meta_gate,
+        _rate,
+    )
     text = "".join(map(inspect.getsource, parts)) + repr(ROW) + str(CHUNK) + str(EXAMPLE_SIZE)
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -273,7 +296,8 @@ def _package(module: torch.nn.Module, example: list[Tensor], dynamic: list[Any],
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
         os.close(fd)
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        with _near_fusion_only_off(example[0].device):
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
         os.replace(tmp, path)  # atomic: processes compiling side by side never read half a file
     except Exception as e:  # compiler missing / broken: name the fix
         raise RuntimeError(
@@ -281,6 +305,32 @@ def _package(module: torch.nn.Module, example: list[Tensor], dynamic: list[Any],
             f"torch._inductor.aoti_compile_and_package), which failed on this machine ({type(e).__name__}: {e}); "
             "use fused=False (the foreach path: same math, no compiler needed)"
         ) from e
+
+
+@contextlib.contextmanager
+def _near_fusion_only_off(device: torch.device):
+    """While a CPU program compiles, Inductor's scheduler may fuse nodes however far apart they are in the graph.
+
+    It refuses to fuse nodes more than 64 apart in the graph's order (``Scheduler.are_long_distant_nodes``: a
+    guard against lengthening the lives of intermediate buffers, hence peak memory). In the chunk kernel every
+    tensor's state writes come at the end of the graph (the exported program's input mutations, CHUNK tensors'
+    worth), far from that tensor's dot product, so with 16 tensors the first tensors' loops split in two (measured
+    with torch 2.13: the state's reads and the update's arithmetic done twice, 0.80-0.88 of the step time fused,
+    docs/design.md). The kernel keeps no intermediate buffer alive (it writes in place, the products are never
+    written), so the guard has nothing to protect here. CPU only: the GPU programs have not been measured either
+    way. Where a torch version has no such method, nothing is changed (the same kernel, with split loops)."""
+    from torch._inductor import scheduler
+
+    cls = scheduler.Scheduler
+    original = cls.__dict__.get("are_long_distant_nodes")
+    if device.type != "cpu" or original is None:
+        yield
+        return
+    cls.are_long_distant_nodes = lambda self, node1, node2: False
+    try:
+        yield
+    finally:
+        cls.are_long_distant_nodes = original
 
 
 @functools.cache
