@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import zipfile
 
 import pytest
 import torch
@@ -294,6 +295,30 @@ def test_fused_production_chunk(monkeypatch):
     pair = run_pair(case, steps=20, dtype=torch.float64, fast_cls=FUSED)
     assert_params_close(pair, rtol=1e-9, atol=1e-12)
     assert_state_close(pair, rtol=1e-9, atol=1e-12)
+    # and each tensor is ONE loop of the CPU kernel: its dot product summed in its update's loop (h and g read
+    # once), its state writes not split from it (docs/design.md, where the meta-gradient dot products run)
+    keys = [k for k in _fused._RUNNERS if k[0] != "meta" and k[3] == 16 and dict(k[0]).get("dots")]
+    assert keys, "the production chunk's kernel (with its dot products) was not loaded"
+    for key in keys:
+        with zipfile.ZipFile(_fused.package_path(key)) as z:
+            kernel = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
+        assert kernel.count("for(int64_t x0=") == 16, key
+
+
+def test_long_distance_fusion_guard_is_off_only_while_a_cpu_program_compiles():
+    from torch._inductor.scheduler import Scheduler
+
+    from hf_metaoptimize import _fused
+
+    original = Scheduler.__dict__["are_long_distant_nodes"]
+    with _fused._near_fusion_only_off(torch.device("cpu")):
+        assert Scheduler.are_long_distant_nodes(None, None, None) is False
+    assert Scheduler.__dict__["are_long_distant_nodes"] is original
+    with pytest.raises(KeyError), _fused._near_fusion_only_off(torch.device("cpu")):
+        raise KeyError("a failed compile")
+    assert Scheduler.__dict__["are_long_distant_nodes"] is original  # restored on the way out of a failure
+    with _fused._near_fusion_only_off(torch.device("cuda")):  # a GPU program compiles as Inductor has it
+        assert Scheduler.__dict__["are_long_distant_nodes"] is original
 
 
 def test_default_picks_the_compiled_step_for_large_models_and_says_why_not_otherwise(monkeypatch, caplog):
@@ -451,8 +476,6 @@ def test_compiled_packages_are_keyed_by_thread_count_and_cpu(monkeypatch):
 def test_compiled_kernel_runs_on_the_intra_op_threads(tmp_path, monkeypatch):
     """Inductor sizes the kernel's parallelism by the example sizes it is traced with: the package compiled with two
     threads has OpenMP loops (with tiny examples it would be serial whatever the thread count)."""
-    import zipfile
-
     from hf_metaoptimize import _fused
 
     monkeypatch.setenv("HF_METAOPTIMIZE_CACHE", str(tmp_path))
