@@ -318,7 +318,9 @@ def _near_fusion_only_off(device: torch.device):
     with torch 2.13: the state's reads and the update's arithmetic done twice, 0.80-0.88 of the step time fused,
     docs/design.md). The kernel keeps no intermediate buffer alive (it writes in place, the products are never
     written), so the guard has nothing to protect here. CPU only: the GPU programs have not been measured either
-    way. Where a torch version has no such method, nothing is changed (the same kernel, with split loops)."""
+    way. The method is replaced on the class, so for that time (under the compile lock) it holds for the whole
+    process: a ``torch.compile`` running in another thread meanwhile would fuse without the guard too. Where a torch
+    version has no such method, nothing is changed (the same kernel, with split loops)."""
     from torch._inductor import scheduler
 
     cls = scheduler.Scheduler
